@@ -1,0 +1,289 @@
+"""What each step of the counting flow does, as plain functions the flow calls and tests exercise."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from counting import calibration, diagnostics, tuning
+from counting.dataset import PackedDataset, pack_dataset
+from counting.metrics import count_metrics
+from counting.packaging import build_model_package, package_sha256
+from counting.sources import read_source
+from counting.split import stratified_split
+from counting.training import LabelledImages, TrainParams, fit, predict_logits, threads_per_task
+
+FAIL_ENV = "COUNTING_FAIL_STEP"
+
+DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
+    "data": {"generated_images": 1200, "generated_seed": 0, "image_size": 64, "min_count": 1, "max_count": 5,
+             "max_per_class": None, "shard_size": 5000},
+    "split": {"val_fraction": 0.15, "test_fraction": 0.15, "seed": 0},
+    "train": {},
+    "search": {"trials": 4, "seed": 0, "first_round_fraction": 0.3, "keep_fraction": 0.5, "tpe_trials": 0,
+               "space": tuning.SEED_SPACE},
+    "compute": {"parallel_trials": 2, "trial_timeout_minutes": 60, "retrain_timeout_minutes": 120},
+    "deploy": {"target": "local", "port": 0, "probe_images": 16},
+}
+
+
+def resolve_settings(config: Mapping[str, Any], min_count: int, max_count: int) -> dict[str, Any]:
+    """Merge a flow config over the defaults; reject unknown sections and keys by name."""
+    plain = _plain(config)
+    unknown = set(plain) - set(DEFAULT_SETTINGS)
+    if unknown:
+        raise ValueError(f"config: unknown section(s) {sorted(unknown)}; known: {sorted(DEFAULT_SETTINGS)}")
+    settings = copy.deepcopy(DEFAULT_SETTINGS)
+    for section, values in plain.items():
+        if section != "train":
+            extra = set(values) - set(DEFAULT_SETTINGS[section])
+            if extra:
+                raise ValueError(f"config section {section!r}: unknown key(s) {sorted(extra)}")
+        settings[section].update(values)
+    TrainParams.from_dict(settings["train"])
+    if not 0 <= min_count <= max_count:
+        raise ValueError(f"count range: need 0 <= min-count <= max-count, got {min_count}..{max_count}")
+    settings["data"].update(min_count=min_count, max_count=max_count)
+    return settings
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def search_space(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated search space of the settings."""
+    return tuning.validate_space(settings["search"]["space"], [f.name for f in fields(TrainParams)])
+
+
+def fetch_dataset(source: str, subset: str | None, settings: Mapping[str, Any]) -> PackedDataset:
+    """Read a source and pack its images once at the training size."""
+    data = settings["data"]
+    result = read_source(source, subset=subset, min_count=data["min_count"], max_count=data["max_count"],
+                         max_per_class=data["max_per_class"], generated_images=data["generated_images"],
+                         seed=data["generated_seed"])
+    return pack_dataset(result.records, data["image_size"], skipped=result.skipped)
+
+
+def split_dataset(dataset: PackedDataset, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Any]:
+    """Stratified split as a plain dict of id lists and per-part class counts."""
+    parts = stratified_split(dataset.ids, dataset.counts, val_fraction=val_fraction, test_fraction=test_fraction,
+                             seed=seed)
+    return {"train": list(parts.train_ids), "val": list(parts.val_ids), "test": list(parts.test_ids),
+            "class_counts": parts.class_counts}
+
+
+def _candidate(trial_id: int, round_: int, params: Mapping[str, Any], stop_after: int | None,
+               origin: str | None = None) -> dict[str, Any]:
+    return {"trial_id": trial_id, "round": round_, "params": dict(params), "stop_after_epoch": stop_after,
+            "origin": origin}
+
+
+def plan_first_round(space: Mapping[str, Any], n_trials: int, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Sample the first round's candidates; each trains a fraction of its epochs."""
+    search = settings["search"]
+    plan = []
+    for i, params in enumerate(tuning.sample_trials(space, n_trials, search["seed"])):
+        epochs = int(params.get("epochs", settings["train"].get("epochs", TrainParams().epochs)))
+        plan.append(_candidate(i, 1, params, tuning.first_round_epochs(epochs, search["first_round_fraction"])))
+    return plan
+
+
+def plan_second_round(first_round: Sequence[Mapping[str, Any]], space: Mapping[str, Any],
+                      settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Survivors of successive halving continue from their checkpoints; TPE adds fresh candidates."""
+    search = settings["search"]
+    plan = [_candidate(t["trial_id"], 2, t["params"], None, origin=t["task"])
+            for t in tuning.successive_halving(first_round, search["keep_fraction"])]
+    if search["tpe_trials"]:
+        start = len(first_round)
+        fresh = tuning.sample_trials(space, search["tpe_trials"], search["seed"], history=first_round)
+        plan += [_candidate(start + i, 2, params, None) for i, params in enumerate(fresh)]
+    return plan
+
+
+def labelled(dataset: PackedDataset, ids: Sequence[str], counts: Sequence[int]) -> LabelledImages:
+    """The images and class indices of `ids`."""
+    part = dataset.select(ids)
+    return LabelledImages(images=part.images, labels=[c - counts[0] for c in part.counts])
+
+
+def checkpoint_path(pathspec: str) -> Path:
+    """A per-task checkpoint file that survives the task's retries on the same machine."""
+    return Path(tempfile.gettempdir()) / "counting-checkpoints" / (pathspec.replace("/", "-") + ".pt")
+
+
+def run_trial(candidate: Mapping[str, Any], dataset: PackedDataset, split_ids: Mapping[str, Any],
+              counts: Sequence[int], settings: Mapping[str, Any], parallel_tasks: int,
+              pathspec: str | None = None) -> tuple[dict[str, Any], bytes]:
+    """Train one candidate (continuing its first-round checkpoint if it has one); return record and state."""
+    from metaflow import Task, current
+
+    pathspec = pathspec or current.pathspec
+    params = TrainParams.from_dict({**settings["train"], **candidate["params"]})
+    resume_state = None
+    if candidate.get("origin"):
+        resume_state = Task(candidate["origin"], _namespace_check=False).data.checkpoint
+    threads = threads_per_task(min(parallel_tasks, settings["compute"]["parallel_trials"]))
+    print(f"Trial {candidate['trial_id']} round {candidate['round']}: {dict(candidate['params'])}, {threads} threads")
+    started = time.perf_counter()
+    result = fit(params, labelled(dataset, split_ids["train"], counts), labelled(dataset, split_ids["val"], counts),
+                 counts=counts, threads=threads, checkpoint_path=checkpoint_path(pathspec),
+                 resume_state=resume_state, stop_after_epoch=candidate.get("stop_after_epoch"))
+    record = {
+        "trial_id": candidate["trial_id"], "round": candidate["round"], "params": dict(candidate["params"]),
+        "status": "ok", "error": None, "task": pathspec,
+        "val_accuracy": result.val_metrics["accuracy"], "val_rmse": result.val_metrics["rmse"],
+        "val_mae": result.val_metrics["mae"], "best_epoch": result.best_epoch,
+        "epochs_trained": len(result.history), "history": result.history,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return record, result.state
+
+
+def collect_trials(inputs: Iterable[Any]) -> list[dict[str, Any]]:
+    """Trial records from a join's inputs; a failed task becomes a record carrying its error."""
+    records = []
+    for task in inputs:
+        error = getattr(task, "trial_error", None)
+        result = getattr(task, "trial_result", None)
+        if error is not None or result is None:
+            candidate = task.input
+            records.append({"trial_id": candidate["trial_id"], "round": candidate["round"],
+                            "params": dict(candidate["params"]), "status": "failed",
+                            "error": str(error) if error is not None else "no result recorded",
+                            "history": []})
+        else:
+            records.append(result)
+    return sorted(records, key=lambda r: r["trial_id"])
+
+
+def best_trial(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The best finished trial by validation accuracy, ties broken by lower RMSE."""
+    ranked = tuning.rank_trials(trials)
+    if not ranked:
+        errors = "; ".join(f"trial {t['trial_id']}: {t.get('error')}" for t in trials)
+        raise RuntimeError(f"every trial failed: {errors}")
+    return ranked[0]
+
+
+def fail_if_requested(step_name: str) -> None:
+    """Fail on purpose when COUNTING_FAIL_STEP names this step (to rehearse `resume`)."""
+    if os.environ.get(FAIL_ENV) == step_name:
+        raise RuntimeError(f"{FAIL_ENV}={step_name}: failing step {step_name!r} as requested")
+
+
+@dataclass
+class RetrainOutcome:
+    """Everything the retrain step produces."""
+
+    model: Any
+    model_state: dict
+    model_spec: dict
+    image_size: int
+    history: list
+    profile: dict
+    debug_report: list
+    temperature: float
+    calibration: dict
+    test_metrics: dict
+    tta_flip: bool
+
+
+def retrain_best(best_params: Mapping[str, Any], dataset: PackedDataset, split_ids: Mapping[str, Any],
+                 counts: Sequence[int], settings: Mapping[str, Any]) -> RetrainOutcome:
+    """Train the best configuration from scratch, profile it, check debugging rules, calibrate, test."""
+    params = TrainParams.from_dict({**settings["train"], **best_params})
+    train = labelled(dataset, split_ids["train"], counts)
+    val = labelled(dataset, split_ids["val"], counts)
+    profile = diagnostics.profile_training(params, train, counts=counts)
+    result = fit(params, train, val, counts=counts)
+    report = diagnostics.debug_rules(result)
+    for rule in report:
+        print(f"Rule {rule['rule']}: {rule['verdict']} ({rule['detail']})")
+    val_logits = predict_logits(result.model, val.images, tta_flip=params.tta_flip)
+    val_labels = np.asarray(val.labels)
+    temperature = calibration.fit_temperature(val_logits, val_labels, result.model)
+    probs_before = result.model.probabilities(val_logits).numpy()
+    probs_after = result.model.probabilities(val_logits, temperature).numpy()
+    calibration_report = {
+        "temperature": temperature,
+        "nll_before": calibration.negative_log_likelihood(probs_before, val_labels),
+        "nll_after": calibration.negative_log_likelihood(probs_after, val_labels),
+        "ece_before": calibration.expected_calibration_error(probs_before, val_labels),
+        "ece_after": calibration.expected_calibration_error(probs_after, val_labels),
+        "bins_before": calibration.reliability_bins(probs_before, val_labels),
+        "bins_after": calibration.reliability_bins(probs_after, val_labels),
+    }
+    test = labelled(dataset, split_ids["test"], counts)
+    test_probs = result.model.probabilities(predict_logits(result.model, test.images, tta_flip=params.tta_flip),
+                                            temperature).numpy()
+    predicted = [counts[i] for i in test_probs.argmax(axis=1)]
+    truth = [counts[i] for i in test.labels]
+    return RetrainOutcome(
+        model=result.model, model_state=result.model.state_dict(), model_spec=dict(result.model.spec),
+        image_size=params.image_size, history=result.history, profile=profile, debug_report=report,
+        temperature=temperature, calibration=calibration_report,
+        test_metrics=count_metrics(truth, predicted, counts), tta_flip=params.tta_flip)
+
+
+def package_model(outcome: RetrainOutcome, counts: Sequence[int], settings: Mapping[str, Any],
+                  run_pathspec: str) -> dict[str, Any]:
+    """The SageMaker-style model.tar.gz of the retrained model, with its sha256."""
+    data = build_model_package(outcome.model, counts=list(counts), image_size=outcome.image_size,
+                               temperature=outcome.temperature, run_id=run_pathspec, version=run_pathspec)
+    return {"bytes": data, "sha256": package_sha256(data), "size": len(data)}
+
+
+def deploy_and_probe(model_package: Mapping[str, Any], target_name: str, dataset: PackedDataset,
+                     split_ids: Mapping[str, Any], settings: Mapping[str, Any], flow_name: str,
+                     run_id: str) -> dict[str, Any]:
+    """Deploy the package, send held-out test images one by one, record answers and latencies, tear down."""
+    from counting.deploy import get_target
+
+    deploy = settings["deploy"]
+    target = get_target(target_name, **({"port": deploy["port"]} if target_name == "local" else {}))
+    probe = dataset.select(split_ids["test"][: deploy["probe_images"]])
+    name = f"{flow_name.lower()}-{run_id}"
+    info = target.deploy(model_package["bytes"], name)
+    answers, latencies = [], []
+    try:
+        for image_id, count, image in zip(probe.ids, probe.counts, probe.images):
+            started = time.perf_counter()
+            answer = target.invoke(info, image, "image/jpeg")
+            latencies.append((time.perf_counter() - started) * 1000)
+            answers.append({"id": image_id, "true_count": count, **answer})
+    finally:
+        if target_name == "local":
+            target.delete(info)
+    correct = [a["count"] == a["true_count"] for a in answers]
+    return {"target": target_name, "name": name, "info": dict(info.__dict__) if hasattr(info, "__dict__") else info,
+            "answers": answers, "latencies_ms": latencies,
+            "latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else float("nan"),
+            "latency_ms_p99": float(np.percentile(latencies, 99)) if latencies else float("nan"),
+            "accuracy": float(np.mean(correct)) if correct else float("nan")}
+
+
+def summarize(dataset: PackedDataset, trials: Sequence[Mapping[str, Any]], best_params: Mapping[str, Any],
+              test_metrics: Mapping[str, Any], endpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The run in a few numbers."""
+    return {
+        "images": len(dataset.ids), "skipped": len(dataset.skipped), "dataset": dataset.fingerprint[:12],
+        "trials": len(trials), "failed_trials": sum(t["status"] != "ok" for t in trials),
+        **{f"best_{k}": v for k, v in best_params.items()},
+        "test_accuracy": test_metrics["accuracy"], "test_rmse": test_metrics["rmse"],
+        "test_mae": test_metrics["mae"], "test_off_by_one": test_metrics["off_by_one"],
+        "endpoint_accuracy": endpoint["accuracy"], "endpoint_p50_ms": endpoint["latency_ms_p50"],
+    }

@@ -1,0 +1,169 @@
+"""Train, select, profile and deploy a bin-counting model.
+
+    start -> fetch -> split -> trial (foreach, short round) -> halve -> extend (foreach, survivors run longer)
+          -> select -> retrain (profiling, debugging rules, calibration, test metrics) -> deploy -> end
+
+Run it on the embedded generated dataset with `python flows/counting_flow.py run`; point `--source` at a local
+ABID-layout or class-folder directory, or at `s3://...`, for real photos. Knobs live in the `config` file
+(`flows/config.json` by default; `--config config FILE` or `--config-value config JSON` replace it).
+"""
+
+from pathlib import Path
+
+from metaflow import (Config, FlowSpec, Parameter, card, catch, config_expr, current, resources, retry, step,
+                      timeout)
+
+from counting import pipeline
+from counting.cards import (confusion_matrix_figure, figure, heading, learning_curves, metrics_table,
+                            records_table, reliability_figure, trial_table)
+
+CONFIG_FILE = str(Path(__file__).with_name("config.json"))
+
+
+class BinCountingFlow(FlowSpec):
+    """Count objects in storage-bin photos: fetch, split, search, retrain, deploy."""
+
+    config = Config("config", default=CONFIG_FILE, help="JSON settings: data, split, train, search, compute, deploy.")
+
+    source = Parameter("source", default="generated",
+                       help="'generated', a local ABID-layout or class-folder directory, or s3://bucket/prefix.")
+    subset = Parameter("subset", default="", help="A file_list.json path or 'reference-10k' to select images.")
+    min_count = Parameter("min-count", type=int, default=config_expr("config.data.min_count"),
+                          help="Smallest count kept.")
+    max_count = Parameter("max-count", type=int, default=config_expr("config.data.max_count"),
+                          help="Largest count kept.")
+    val_fraction = Parameter("val-fraction", type=float, default=config_expr("config.split.val_fraction"),
+                             help="Share of images for validation.")
+    test_fraction = Parameter("test-fraction", type=float, default=config_expr("config.split.test_fraction"),
+                              help="Share of images for the test split.")
+    trials = Parameter("trials", type=int, default=config_expr("config.search.trials"),
+                       help="Trials in the first search round.")
+    deploy_target = Parameter("deploy-target", default=config_expr("config.deploy.target"),
+                              help="Where to deploy the model: 'local' (loopback endpoint) or 'sagemaker'.")
+
+    @step
+    def start(self):
+        """Validate the settings and the search space before any work starts."""
+        self.settings = pipeline.resolve_settings(self.config, self.min_count, self.max_count)
+        self.search_space = pipeline.search_space(self.settings)
+        self.counts = list(range(self.min_count, self.max_count + 1))
+        print(f"Counting {self.counts} from {self.source!r}; {self.trials} trials over {sorted(self.search_space)}")
+        self.next(self.fetch)
+
+    @resources(cpu=2, memory=8000)
+    @step
+    def fetch(self):
+        """Read the source, pack every image once at training size, and pin the snapshot."""
+        self.dataset = pipeline.fetch_dataset(self.source, self.subset or None, self.settings)
+        self.manifest = self.dataset.manifest
+        self.class_counts = self.dataset.class_counts()
+        self.skipped = self.dataset.skipped
+        print(f"Dataset {self.dataset.fingerprint[:12]}: {len(self.manifest)} images {self.class_counts}, "
+              f"{len(self.skipped)} skipped")
+        self.next(self.split)
+
+    @step
+    def split(self):
+        """Stratified train/validation/test split, then plan the first search round."""
+        self.split_ids = pipeline.split_dataset(self.dataset, self.val_fraction, self.test_fraction,
+                                                self.settings["split"]["seed"])
+        self.first_round_plan = pipeline.plan_first_round(self.search_space, self.trials, self.settings)
+        self.next(self.trial, foreach="first_round_plan")
+
+    @catch(var="trial_error", print_exception=True)
+    @retry(times=1)
+    @timeout(minutes=config.compute.trial_timeout_minutes)
+    @resources(gpu=1, cpu=4, memory=16000)
+    @step
+    def trial(self):
+        """Train one candidate for the short first round."""
+        self.trial_result, self.checkpoint = pipeline.run_trial(
+            self.input, self.dataset, self.split_ids, self.counts, self.settings, len(self.first_round_plan))
+        self.next(self.halve)
+
+    @step
+    def halve(self, inputs):
+        """Keep the best fraction of the first round (successive halving) and ask TPE for new candidates."""
+        self.first_round = pipeline.collect_trials(inputs)
+        self.merge_artifacts(inputs, include=["settings", "search_space", "counts", "split_ids", "dataset"])
+        self.second_round_plan = pipeline.plan_second_round(self.first_round, self.search_space, self.settings)
+        self.next(self.extend, foreach="second_round_plan")
+
+    @catch(var="trial_error", print_exception=True)
+    @retry(times=1)
+    @timeout(minutes=config.compute.trial_timeout_minutes)
+    @resources(gpu=1, cpu=4, memory=16000)
+    @step
+    def extend(self):
+        """Continue a surviving candidate (or train a new TPE one) to its full budget."""
+        self.trial_result, self.checkpoint = pipeline.run_trial(
+            self.input, self.dataset, self.split_ids, self.counts, self.settings, len(self.second_round_plan))
+        self.next(self.select)
+
+    @card(type="blank", id="search")
+    @step
+    def select(self, inputs):
+        """Join the search: the table of every trial, failures with their errors, the best parameters."""
+        self.merge_artifacts(inputs, include=["settings", "counts", "split_ids", "dataset", "first_round"])
+        self.trials = self.first_round + pipeline.collect_trials(inputs)
+        self.failed_trials = [t for t in self.trials if t["status"] != "ok"]
+        self.best_trial = pipeline.best_trial(self.trials)
+        self.best_params = self.best_trial["params"]
+        print(f"Best: trial {self.best_trial['trial_id']} {self.best_params} "
+              f"val accuracy {self.best_trial['val_accuracy']:.3f}")
+        current.card.extend([heading("Trials"), trial_table(self.trials),
+                             heading("Learning curves"), figure(learning_curves(self.trials))])
+        self.next(self.retrain)
+
+    @card(type="blank", id="retrain")
+    @timeout(minutes=config.compute.retrain_timeout_minutes)
+    @resources(gpu=1, cpu=4, memory=16000)
+    @step
+    def retrain(self):
+        """Train the best configuration again with profiling and debugging rules; calibrate; test."""
+        pipeline.fail_if_requested("retrain")
+        outcome = pipeline.retrain_best(self.best_params, self.dataset, self.split_ids, self.counts, self.settings)
+        self.model_state, self.model_spec = outcome.model_state, outcome.model_spec
+        self.history, self.profile, self.debug_report = outcome.history, outcome.profile, outcome.debug_report
+        self.temperature, self.calibration = outcome.temperature, outcome.calibration
+        self.test_metrics = outcome.test_metrics
+        self.model_package = pipeline.package_model(outcome, self.counts, self.settings, current.pathspec)
+        current.card.extend([
+            heading("Test metrics"), metrics_table(self.test_metrics),
+            figure(confusion_matrix_figure(self.test_metrics["confusion_matrix"], self.counts)),
+            heading("Learning curve"), figure(learning_curves([{"trial_id": "retrain", "history": self.history}])),
+            heading("Profile: top operators"),
+            records_table(self.profile["top_operators"], list(self.profile["top_operators"][0])),
+            heading("Wall time by phase (s)"), metrics_table(self.profile["phase_seconds"]),
+            heading("Debugging rules"), records_table(self.debug_report, ["rule", "verdict", "detail"]),
+            heading("Calibration"),
+            figure(reliability_figure(self.calibration["bins_before"], self.calibration["bins_after"],
+                                      self.calibration["ece_before"], self.calibration["ece_after"])),
+        ])
+        print(f"Test accuracy {self.test_metrics['accuracy']:.3f}, RMSE {self.test_metrics['rmse']:.3f}")
+        self.next(self.deploy)
+
+    @step
+    def deploy(self):
+        """Serve the model package, send it held-out test images, record answers and latencies."""
+        self.endpoint = pipeline.deploy_and_probe(self.model_package, self.deploy_target, self.dataset,
+                                                  self.split_ids, self.settings, current.flow_name, current.run_id)
+        print(f"Endpoint {self.endpoint['name']}: {len(self.endpoint['answers'])} answers, "
+              f"p50 {self.endpoint['latency_ms_p50']:.1f} ms, accuracy {self.endpoint['accuracy']:.3f}")
+        self.next(self.end)
+
+    @card(type="blank", id="summary")
+    @step
+    def end(self):
+        """Summarise the run."""
+        self.summary = pipeline.summarize(self.dataset, self.trials,
+                                          self.best_params, self.test_metrics, self.endpoint)
+        current.card.extend([heading("Summary"), metrics_table(self.summary),
+                             heading("Confusion matrix"),
+                             figure(confusion_matrix_figure(self.test_metrics["confusion_matrix"], self.counts))])
+        for name, value in self.summary.items():
+            print(f"{name}: {value}")
+
+
+if __name__ == "__main__":
+    BinCountingFlow()
