@@ -62,4 +62,4 @@ def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     """Scale a uint8 (N, 3, H, W) batch to float and standardise it per channel."""
     mean_t = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
     std_t = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return (batch.float() - mean_t) / std_t
+    return batch.to(torch.float32, copy=True).sub_(mean_t).div_(std_t)
