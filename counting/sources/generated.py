@@ -16,11 +16,12 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 from tqdm import tqdm
 
 SCALE = 0.5  # images are drawn at half of ABID's pixel sizes to keep generation fast
 JPEG_QUALITY = 88
+JPEG_SMOOTHING = (40, 101)  # range of the JPEG encoder's input smoothing, for the camera's mild blur
 ABID_WIDTH = (360, 710)
 ABID_HEIGHT = (280, 960)
 ASPECT = (0.6, 1.9)  # height / width
@@ -76,8 +77,7 @@ def generate_abid_layout(root: Path, n_images: int, seed: int = 0, min_count: in
     """
     _check_int("n_images", n_images, minimum=1)
     _check_int("seed", seed, minimum=0)
-    _check_int("min_count", min_count, minimum=0)
-    _check_int("max_count", max_count, minimum=min_count)
+    _check_counts(min_count, max_count)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ValueError(f"root {root} exists and is not a directory")
@@ -95,6 +95,9 @@ def generate_abid_layout(root: Path, n_images: int, seed: int = 0, min_count: in
 
 def bin_count(seed: int, index: int, min_count: int, max_count: int) -> int:
     """Object count of image `index`: each block of (max_count - min_count + 1) images holds every count once."""
+    _check_int("seed", seed, minimum=0)
+    _check_int("index", index, minimum=0)
+    _check_counts(min_count, max_count)
     n_classes = max_count - min_count + 1
     block, position = divmod(index, n_classes)
     order = np.random.default_rng([seed, 0, block]).permutation(n_classes)
@@ -103,6 +106,8 @@ def bin_count(seed: int, index: int, min_count: int, max_count: int) -> int:
 
 def make_bin(seed: int, index: int, count: int) -> tuple[bytes, dict]:
     """Draw bin `index` of `seed` holding `count` items; return its JPEG bytes and its ABID metadata."""
+    _check_int("seed", seed, minimum=0)
+    _check_int("index", index, minimum=0)
     _check_int("count", count, minimum=0)
     rng = np.random.default_rng([seed, 1, index])
     width, height = _image_size(rng)
@@ -113,17 +118,23 @@ def make_bin(seed: int, index: int, count: int) -> tuple[bytes, dict]:
     _draw_front_lip(rng, canvas, interior)
     _draw_clutter(rng, canvas, interior)
     _draw_bands(rng, canvas, interior)
-    image = _finish(rng, canvas)
+    image = _light(rng, canvas)
     buffer = BytesIO()
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, smooth=int(rng.integers(*JPEG_SMOOTHING)))  # mild blur
     return buffer.getvalue(), _metadata(products, quantities)
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int, minimum_name: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        bound = f"{minimum_name} ({minimum})" if minimum_name else str(minimum)
+        raise ValueError(f"{name} must be >= {bound}, got {value}")
+
+
+def _check_counts(min_count: int, max_count: int) -> None:
+    _check_int("min_count", min_count, minimum=0)
+    _check_int("max_count", max_count, minimum=min_count, minimum_name="min_count")
 
 
 def _image_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -251,6 +262,7 @@ def _make_products(rng: np.random.Generator, count: int, interior: _Interior) ->
 
 
 def _make_product(rng: np.random.Generator, pixels_per_inch: float, count: int) -> _Product:
+    """A product with random kind, name and size (inches), and its picture at the bin's scale."""
     kind = _KINDS[int(rng.choice(len(_KINDS), p=_KIND_WEIGHTS))]
     length, width, height = sorted(rng.uniform(0.6, 11.0, 3).round(2).tolist(), reverse=True)
     length = max(length, 4.0)
@@ -267,7 +279,7 @@ def _make_product(rng: np.random.Generator, pixels_per_inch: float, count: int) 
     product = _PRODUCTS[kind][int(rng.integers(len(_PRODUCTS[kind])))]
     name = f"{brand} {product}"
     pack = rng.integers(2, 25)
-    if rng.random() < 0.15:
+    if rng.random() < 0.15 and "Pack of" not in name:
         name, normalized = f"{name}, Pack of {pack}", f"Pack of {pack} {name}"
     else:
         normalized = name
@@ -388,7 +400,8 @@ def _pouch_sprite(rng: np.random.Generator, size: tuple[int, int]) -> Image.Imag
     seal = max(2, int(h * 0.07))
     draw.rectangle((int(w * 0.05), 1, w - 2 - int(w * 0.05), seal), fill=_shade(base, 0.8) + (255,))
     if rng.random() < 0.5:
-        draw.ellipse((int(w * 0.2), int(h * 0.3), int(w * 0.8), int(h * 0.7)), fill=_jitter(rng, (150, 110, 70), 30) + (255,))
+        window = _jitter(rng, (150, 110, 70), 30)  # contents seen through a clear window
+        draw.ellipse((int(w * 0.2), int(h * 0.3), int(w * 0.8), int(h * 0.7)), fill=window + (255,))
     else:
         draw.rectangle((int(w * 0.15), int(h * 0.25), int(w * 0.85), int(h * 0.45)), fill=ink + (255,))
     _text_lines(rng, draw, (int(w * 0.15), int(h * 0.55), int(w * 0.85), int(h * 0.85)), ink + (255,))
@@ -472,6 +485,7 @@ class _Picture:
 
 @dataclass(frozen=True)
 class _Placement:
+    """Where an item goes: top-left corner in the image and depth (0: back, 1: front; drawn back to front)."""
     picture: _Picture
     x: int
     y: int
@@ -620,8 +634,8 @@ def _draw_bands(rng: np.random.Generator, canvas: Image.Image, interior: _Interi
     canvas.paste(threads, (0, 0), mask.resize(canvas.size, Image.BILINEAR))
 
 
-def _finish(rng: np.random.Generator, canvas: Image.Image) -> Image.Image:
-    """Even, warm light with soft fall-off, blotches and a shadow under the shelf above; exposure; mild blur."""
+def _light(rng: np.random.Generator, canvas: Image.Image) -> Image.Image:
+    """Even, warm light with soft fall-off, blotches and a shadow under the shelf above, at a varied exposure."""
     width, height = canvas.size
     blotches = Image.fromarray(rng.normal(1.0, 0.04, (4, 4)).astype(np.float32), ).resize(
         (LIGHT_GRID[1], LIGHT_GRID[0]), Image.BILINEAR)
@@ -633,5 +647,4 @@ def _finish(rng: np.random.Generator, canvas: Image.Image) -> Image.Image:
     light = (np.asarray(blotches) * falloff)[:, :, None] * warm
     light_image = Image.fromarray(np.clip(light / _LIGHT_MAX * 255, 0, 255).astype(np.uint8)).resize(
         (width, height), Image.BILINEAR)
-    lit = ImageChops.multiply(canvas, light_image).point(_LIGHT_LUT)
-    return lit.filter(ImageFilter.BoxBlur(rng.uniform(0.5, 1.0)))
+    return ImageChops.multiply(canvas, light_image).point(_LIGHT_LUT)
