@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from counting import calibration, diagnostics, tuning
-from counting.dataset import PackedDataset, pack_dataset
+from counting.dataset import PackedDataset, merge_datasets, pack_dataset
 from counting.metrics import count_metrics
 from counting.packaging import build_model_package, package_sha256
-from counting.sources import read_source
+from counting.sources import Item, Listing, list_items, load_items, shard_items
+from counting.sources.base import summarize_skips
 from counting.split import stratified_split
 from counting.training import LabelledImages, TrainParams, fit, predict_logits, threads_per_task
 
@@ -35,24 +36,40 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_settings(config: Mapping[str, Any], min_count: int, max_count: int) -> dict[str, Any]:
-    """Merge a flow config over the defaults; reject unknown sections and keys by name."""
+def resolve_settings(config: Mapping[str, Any],
+                     overrides: Mapping[tuple[str, str], Any] | None = None) -> dict[str, Any]:
+    """Merge a flow config, then parameter overrides (None: not given), over the defaults.
+
+    Unknown sections and keys are rejected by name, as are a bad count range and bad training settings.
+    """
     plain = _plain(config)
     unknown = set(plain) - set(DEFAULT_SETTINGS)
     if unknown:
         raise ValueError(f"config: unknown section(s) {sorted(unknown)}; known: {sorted(DEFAULT_SETTINGS)}")
     settings = copy.deepcopy(DEFAULT_SETTINGS)
     for section, values in plain.items():
+        if not isinstance(values, Mapping):
+            raise ValueError(f"config section {section!r} must be an object, got {values!r}")
         if section != "train":
             extra = set(values) - set(DEFAULT_SETTINGS[section])
             if extra:
                 raise ValueError(f"config section {section!r}: unknown key(s) {sorted(extra)}")
         settings[section].update(values)
+    for (section, key), value in (overrides or {}).items():
+        if value is not None:
+            settings[section][key] = value
     TrainParams.from_dict(settings["train"])
-    if not 0 <= min_count <= max_count:
-        raise ValueError(f"count range: need 0 <= min-count <= max-count, got {min_count}..{max_count}")
-    settings["data"].update(min_count=min_count, max_count=max_count)
+    data = settings["data"]
+    if not 0 <= data["min_count"] <= data["max_count"]:
+        raise ValueError(f"count range: need 0 <= min_count <= max_count, got {data['min_count']}..{data['max_count']}")
+    if settings["search"]["trials"] < 1:
+        raise ValueError(f"search.trials must be at least 1, got {settings['search']['trials']}")
     return settings
+
+
+def count_classes(settings: Mapping[str, Any]) -> list[int]:
+    """The counts the model predicts, smallest first."""
+    return list(range(settings["data"]["min_count"], settings["data"]["max_count"] + 1))
 
 
 def _plain(value: Any) -> Any:
@@ -68,19 +85,38 @@ def search_space(settings: Mapping[str, Any]) -> dict[str, Any]:
     return tuning.validate_space(settings["search"]["space"], [f.name for f in fields(TrainParams)])
 
 
-def fetch_dataset(source: str, subset: str | None, settings: Mapping[str, Any]) -> PackedDataset:
-    """Read a source and pack its images once at the training size."""
+def list_source(source: str, subset: str | None, settings: Mapping[str, Any]) -> Listing:
+    """The images a source offers in the configured count range, without fetching them."""
     data = settings["data"]
-    result = read_source(source, subset=subset, min_count=data["min_count"], max_count=data["max_count"],
-                         max_per_class=data["max_per_class"], generated_images=data["generated_images"],
-                         seed=data["generated_seed"])
-    return pack_dataset(result.records, data["image_size"], skipped=result.skipped)
+    return list_items(source, subset=subset, min_count=data["min_count"], max_count=data["max_count"],
+                      max_per_class=data["max_per_class"], generated_images=data["generated_images"],
+                      seed=data["generated_seed"])
 
 
-def split_dataset(dataset: PackedDataset, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Any]:
+def shard_listing(listing: Listing, settings: Mapping[str, Any]) -> list[list[Item]]:
+    """Shards of the listing for a foreach; an empty listing stops here with the reasons."""
+    if not listing.items:
+        raise ValueError(f"no usable images: {summarize_skips(listing.skipped)}")
+    return shard_items(listing.items, settings["data"]["shard_size"])
+
+
+def fetch_shard(items: Sequence[Item], settings: Mapping[str, Any]) -> PackedDataset:
+    """Fetch one shard and pack it at the training size; unreadable images are reported, not fatal."""
+    result = load_items(items)
+    return pack_dataset(result.records, settings["data"]["image_size"], skipped=result.skipped, allow_empty=True)
+
+
+def merge_shards(parts: Sequence[PackedDataset], listing: Listing) -> PackedDataset:
+    """One dataset from the packed shards, carrying the listing's skips too."""
+    listed_skips = pack_dataset([], parts[0].image_size, skipped=listing.skipped, allow_empty=True)
+    return merge_datasets([*parts, listed_skips])
+
+
+def split_dataset(dataset: PackedDataset, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Stratified split as a plain dict of id lists and per-part class counts."""
-    parts = stratified_split(dataset.ids, dataset.counts, val_fraction=val_fraction, test_fraction=test_fraction,
-                             seed=seed)
+    split = settings["split"]
+    parts = stratified_split(dataset.ids, dataset.counts, val_fraction=split["val_fraction"],
+                             test_fraction=split["test_fraction"], seed=split["seed"])
     return {"train": list(parts.train_ids), "val": list(parts.val_ids), "test": list(parts.test_ids),
             "class_counts": parts.class_counts}
 
@@ -91,11 +127,11 @@ def _candidate(trial_id: int, round_: int, params: Mapping[str, Any], stop_after
             "origin": origin}
 
 
-def plan_first_round(space: Mapping[str, Any], n_trials: int, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+def plan_first_round(space: Mapping[str, Any], settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Sample the first round's candidates; each trains a fraction of its epochs."""
     search = settings["search"]
     plan = []
-    for i, params in enumerate(tuning.sample_trials(space, n_trials, search["seed"])):
+    for i, params in enumerate(tuning.sample_trials(space, search["trials"], search["seed"])):
         epochs = int(params.get("epochs", settings["train"].get("epochs", TrainParams().epochs)))
         plan.append(_candidate(i, 1, params, tuning.first_round_epochs(epochs, search["first_round_fraction"])))
     return plan
@@ -247,13 +283,13 @@ def package_model(outcome: RetrainOutcome, counts: Sequence[int], settings: Mapp
     return {"bytes": data, "sha256": package_sha256(data), "size": len(data)}
 
 
-def deploy_and_probe(model_package: Mapping[str, Any], target_name: str, dataset: PackedDataset,
-                     split_ids: Mapping[str, Any], settings: Mapping[str, Any], flow_name: str,
-                     run_id: str) -> dict[str, Any]:
+def deploy_and_probe(model_package: Mapping[str, Any], dataset: PackedDataset, split_ids: Mapping[str, Any],
+                     settings: Mapping[str, Any], flow_name: str, run_id: str) -> dict[str, Any]:
     """Deploy the package, send held-out test images one by one, record answers and latencies, tear down."""
     from counting.deploy import get_target
 
     deploy = settings["deploy"]
+    target_name = deploy["target"]
     target = get_target(target_name, **({"port": deploy["port"]} if target_name == "local" else {}))
     probe = dataset.select(split_ids["test"][: deploy["probe_images"]])
     name = f"{flow_name.lower()}-{run_id}"

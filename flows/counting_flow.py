@@ -1,6 +1,6 @@
 """Train, select, profile and deploy a bin-counting model.
 
-    start -> fetch -> split -> trial (foreach, short round) -> halve -> extend (foreach, survivors run longer)
+    start -> fetch -> fetch_shard (foreach) -> pack -> split -> trial (foreach, short round) -> halve -> second_round -> extend (foreach, survivors run longer)
           -> select -> retrain (profiling, debugging rules, calibration, test metrics) -> deploy -> end
 
 Run it on the embedded generated dataset with `python flows/counting_flow.py run`; point `--source` at a local
@@ -28,33 +28,52 @@ class BinCountingFlow(FlowSpec):
     source = Parameter("source", default="generated",
                        help="'generated', a local ABID-layout or class-folder directory, or s3://bucket/prefix.")
     subset = Parameter("subset", default="", help="A file_list.json path or 'reference-10k' to select images.")
-    min_count = Parameter("min-count", type=int, default=config_expr("config.data.min_count"),
-                          help="Smallest count kept.")
-    max_count = Parameter("max-count", type=int, default=config_expr("config.data.max_count"),
-                          help="Largest count kept.")
-    val_fraction = Parameter("val-fraction", type=float, default=config_expr("config.split.val_fraction"),
-                             help="Share of images for validation.")
-    test_fraction = Parameter("test-fraction", type=float, default=config_expr("config.split.test_fraction"),
-                              help="Share of images for the test split.")
-    trials = Parameter("trials", type=int, default=config_expr("config.search.trials"),
-                       help="Trials in the first search round.")
-    deploy_target = Parameter("deploy-target", default=config_expr("config.deploy.target"),
-                              help="Where to deploy the model: 'local' (loopback endpoint) or 'sagemaker'.")
+    min_count = Parameter("min-count", type=int, default=None, help="Smallest count kept (overrides data.min_count).")
+    max_count = Parameter("max-count", type=int, default=None, help="Largest count kept (overrides data.max_count).")
+    val_fraction = Parameter("val-fraction", type=float, default=None,
+                             help="Share of images for validation (overrides split.val_fraction).")
+    test_fraction = Parameter("test-fraction", type=float, default=None,
+                              help="Share of images for the test split (overrides split.test_fraction).")
+    n_trials = Parameter("n-trials", type=int, default=None,
+                       help="Trials in the first search round (overrides search.trials).")
+    deploy_target = Parameter("deploy-target", default=None,
+                              help="'local' (loopback endpoint) or 'sagemaker' (overrides deploy.target).")
 
     @step
     def start(self):
         """Validate the settings and the search space before any work starts."""
-        self.settings = pipeline.resolve_settings(self.config, self.min_count, self.max_count)
+        self.settings = pipeline.resolve_settings(self.config, {
+            ("data", "min_count"): self.min_count, ("data", "max_count"): self.max_count,
+            ("split", "val_fraction"): self.val_fraction, ("split", "test_fraction"): self.test_fraction,
+            ("search", "trials"): self.n_trials, ("deploy", "target"): self.deploy_target})
         self.search_space = pipeline.search_space(self.settings)
-        self.counts = list(range(self.min_count, self.max_count + 1))
-        print(f"Counting {self.counts} from {self.source!r}; {self.trials} trials over {sorted(self.search_space)}")
+        self.counts = pipeline.count_classes(self.settings)
+        print(f"Counting {self.counts} from {self.source!r}; {self.settings['search']['trials']} trials over "
+              f"{sorted(self.search_space)}")
         self.next(self.fetch)
 
-    @resources(cpu=2, memory=8000)
     @step
     def fetch(self):
-        """Read the source, pack every image once at training size, and pin the snapshot."""
-        self.dataset = pipeline.fetch_dataset(self.source, self.subset or None, self.settings)
+        """List the source's images and cut the list into shards, fetched in parallel."""
+        self.listing = pipeline.list_source(self.source, self.subset or None, self.settings)
+        self.shards = pipeline.shard_listing(self.listing, self.settings)
+        print(f"{len(self.listing.items)} images listed, {len(self.listing.skipped)} skipped, "
+              f"{len(self.shards)} shard(s)")
+        self.next(self.fetch_shard, foreach="shards")
+
+    @retry(times=2)
+    @resources(cpu=4, memory=8000)
+    @step
+    def fetch_shard(self):
+        """Download one shard concurrently and pack every image once at training size."""
+        self.part = pipeline.fetch_shard(self.input, self.settings)
+        self.next(self.pack)
+
+    @step
+    def pack(self, inputs):
+        """Merge the shards into one pinned, content-addressed dataset snapshot."""
+        self.dataset = pipeline.merge_shards([task.part for task in inputs], inputs[0].listing)
+        self.merge_artifacts(inputs, include=["settings", "search_space", "counts"])
         self.manifest = self.dataset.manifest
         self.class_counts = self.dataset.class_counts()
         self.skipped = self.dataset.skipped
@@ -65,14 +84,13 @@ class BinCountingFlow(FlowSpec):
     @step
     def split(self):
         """Stratified train/validation/test split, then plan the first search round."""
-        self.split_ids = pipeline.split_dataset(self.dataset, self.val_fraction, self.test_fraction,
-                                                self.settings["split"]["seed"])
-        self.first_round_plan = pipeline.plan_first_round(self.search_space, self.trials, self.settings)
+        self.split_ids = pipeline.split_dataset(self.dataset, self.settings)
+        self.first_round_plan = pipeline.plan_first_round(self.search_space, self.settings)
         self.next(self.trial, foreach="first_round_plan")
 
     @catch(var="trial_error", print_exception=True)
     @retry(times=1)
-    @timeout(minutes=config.compute.trial_timeout_minutes)
+    @timeout(minutes=config_expr("config.get('compute', {}).get('trial_timeout_minutes', 120)"))
     @resources(gpu=1, cpu=4, memory=16000)
     @step
     def trial(self):
@@ -87,11 +105,19 @@ class BinCountingFlow(FlowSpec):
         self.first_round = pipeline.collect_trials(inputs)
         self.merge_artifacts(inputs, include=["settings", "search_space", "counts", "split_ids", "dataset"])
         self.second_round_plan = pipeline.plan_second_round(self.first_round, self.search_space, self.settings)
+        self.next(self.second_round)
+
+    @step
+    def second_round(self):
+        """Fan out the second round: survivors continue, new candidates start."""
+        for candidate in self.second_round_plan:
+            origin = "continues its first-round checkpoint" if candidate["origin"] else "new (TPE)"
+            print(f"Trial {candidate['trial_id']}: {candidate['params']} {origin}")
         self.next(self.extend, foreach="second_round_plan")
 
     @catch(var="trial_error", print_exception=True)
     @retry(times=1)
-    @timeout(minutes=config.compute.trial_timeout_minutes)
+    @timeout(minutes=config_expr("config.get('compute', {}).get('trial_timeout_minutes', 120)"))
     @resources(gpu=1, cpu=4, memory=16000)
     @step
     def extend(self):
@@ -116,7 +142,7 @@ class BinCountingFlow(FlowSpec):
         self.next(self.retrain)
 
     @card(type="blank", id="retrain")
-    @timeout(minutes=config.compute.retrain_timeout_minutes)
+    @timeout(minutes=config_expr("config.get('compute', {}).get('retrain_timeout_minutes', 240)"))
     @resources(gpu=1, cpu=4, memory=16000)
     @step
     def retrain(self):
@@ -146,7 +172,7 @@ class BinCountingFlow(FlowSpec):
     @step
     def deploy(self):
         """Serve the model package, send it held-out test images, record answers and latencies."""
-        self.endpoint = pipeline.deploy_and_probe(self.model_package, self.deploy_target, self.dataset,
+        self.endpoint = pipeline.deploy_and_probe(self.model_package, self.dataset,
                                                   self.split_ids, self.settings, current.flow_name, current.run_id)
         print(f"Endpoint {self.endpoint['name']}: {len(self.endpoint['answers'])} answers, "
               f"p50 {self.endpoint['latency_ms_p50']:.1f} ms, accuracy {self.endpoint['accuracy']:.3f}")

@@ -1,0 +1,106 @@
+"""The whole flow through metaflow.Runner in an isolated local datastore: run, read back, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+from metaflow import Flow, Runner, namespace
+
+from counting.packaging import extract_package, load_handlers
+
+FLOW = str(Path(__file__).parents[1] / "flows" / "counting_flow.py")
+SMALL_CONFIG = json.loads((Path(FLOW).parent / "config.json").read_text())
+SMALL_CONFIG["data"].update(generated_images=150, image_size=32)
+SMALL_CONFIG["train"].update(backbone="resnet18", weights="none", image_size=32)
+SMALL_CONFIG["search"].update(trials=3, tpe_trials=1, space={
+    "lr": {"type": "log_uniform", "low": 0.01, "high": 0.1},
+    "batch_size": {"type": "choice", "values": [32, 64]},
+    "epochs": {"type": "int", "low": 2, "high": 3},
+})
+SMALL_CONFIG["deploy"].update(probe_images=4)
+
+
+@pytest.fixture(scope="module")
+def flow_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metaflow")
+    env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root), "USERNAME": "tester",
+           "COUNTING_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _run(env, config, **kwargs):
+    with Runner(FLOW, env=env, config_value=[("config", config)], show_output=False) as runner:
+        return runner.run(max_workers=2, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished_run(flow_env):
+    result = _run(flow_env, SMALL_CONFIG)
+    assert result.status == "successful", result.stderr
+    namespace(None)
+    return Flow("BinCountingFlow")[result.run.id]
+
+
+def test_run_succeeds_and_artifacts_read_back(finished_run, tmp_path):
+    data = finished_run.data
+    assert set(data.best_params) == {"lr", "batch_size", "epochs"}
+    assert 0.01 <= data.best_params["lr"] <= 0.1
+    rounds = [t["round"] for t in data.trials]
+    assert rounds.count(1) == 3 and rounds.count(2) >= 2
+    assert all(t["status"] == "ok" for t in data.trials)
+    assert {"accuracy", "rmse", "mae", "off_by_one", "per_class_accuracy", "confusion_matrix"} <= set(data.test_metrics)
+    assert len(data.manifest) == 150 and {"id", "count", "sha256", "key"} <= set(data.manifest[0])
+    assert sum(data.class_counts.values()) == 150
+    assert {r["rule"] for r in data.debug_report} >= {"loss_not_finite", "exploding_gradients", "overfitting"}
+    assert data.profile["top_operators"]
+    assert len(data.endpoint["answers"]) == 4 and all(a["count"] in range(1, 6) for a in data.endpoint["answers"])
+
+    handlers = load_handlers(extract_package(data.model_package["bytes"], tmp_path / "model"))
+    image = data.dataset.images[0]
+    answer = json.loads(handlers.output_fn(handlers.predict_fn(handlers.input_fn(image, "image/jpeg"),
+                                                                handlers.model), "application/json")[0])
+    assert answer["count"] in range(1, 6)
+
+
+def test_second_round_continues_the_best_first_round_trials(finished_run):
+    trials = finished_run.data.trials
+    first = sorted((t for t in trials if t["round"] == 1), key=lambda t: (-t["val_accuracy"], t["val_rmse"]))
+    continued = {t["trial_id"] for t in trials if t["round"] == 2 and t["trial_id"] < 3}
+    assert continued == {t["trial_id"] for t in first[:2]}
+    for t in trials:
+        if t["round"] == 2 and t["trial_id"] in continued:
+            assert t["epochs_trained"] == t["params"]["epochs"]
+
+
+def test_resume_after_a_failed_retrain_clones_finished_steps(flow_env):
+    config = copy.deepcopy(SMALL_CONFIG)
+    config["search"].update(trials=2, tpe_trials=0)
+    failing = _run({**flow_env, "COUNTING_FAIL_STEP": "retrain"}, config)
+    assert failing.status == "failed"
+    with Runner(FLOW, env=flow_env, config_value=[("config", config)], show_output=False) as runner:
+        resumed = runner.resume(origin_run_id=failing.run.id)
+    assert resumed.status == "successful", resumed.stderr
+    run = resumed.run
+    assert run.data.test_metrics["accuracy"] >= 0
+    trial_tasks = list(run["trial"])
+    assert trial_tasks and all(t.metadata_dict.get("origin-task-id") for t in trial_tasks)
+    assert not run["retrain"].task.metadata_dict.get("origin-task-id")
+
+
+def test_malformed_search_space_stops_at_start_with_a_clear_error(flow_env):
+    config = copy.deepcopy(SMALL_CONFIG)
+    config["search"]["space"] = {"lr": {"type": "log_uniform", "low": 0.1, "high": 0.01}}
+    result = _run(flow_env, config)
+    assert result.status == "failed"
+    assert "low 0.1 is greater than high 0.01" in result.stderr
