@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 import time
@@ -16,7 +17,7 @@ import numpy as np
 from counting import calibration, diagnostics, tuning
 from counting.dataset import PackedDataset, merge_datasets, pack_dataset
 from counting.metrics import count_metrics
-from counting.packaging import build_model_package, package_sha256
+from counting.packaging import build_model_package, package_artifact
 from counting.sources import Item, Listing, list_items, load_items, shard_items
 from counting.sources.base import summarize_skips
 from counting.split import stratified_split
@@ -32,12 +33,16 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "search": {"trials": 4, "seed": 0, "first_round_fraction": 0.3, "keep_fraction": 0.5, "tpe_trials": 0,
                "space": tuning.SEED_SPACE},
     "compute": {"parallel_trials": 2, "trial_timeout_minutes": 60, "retrain_timeout_minutes": 120},
-    "deploy": {"target": "local", "port": 0, "probe_images": 16},
+    "deploy": {"target": "local", "port": 0, "probe_images": 16, "endpoint_name": None,
+               "sagemaker": {"role_arn": None, "bucket": None, "region": None, "instance_type": "ml.m5.large"}},
 }
+
+# Sub-sections merged key by key with their defaults; other values (the search space too) replace the default.
+_MERGED_SUBSECTIONS = {("deploy", "sagemaker")}
 
 
 def resolve_settings(config: Mapping[str, Any],
-                     overrides: Mapping[tuple[str, str], Any] | None = None) -> dict[str, Any]:
+                     overrides: Mapping[tuple[str, ...], Any] | None = None) -> dict[str, Any]:
     """Merge a flow config, then parameter overrides (None: not given), over the defaults.
 
     Unknown sections and keys are rejected by name, as are a bad count range and bad training settings.
@@ -54,10 +59,18 @@ def resolve_settings(config: Mapping[str, Any],
             extra = set(values) - set(DEFAULT_SETTINGS[section])
             if extra:
                 raise ValueError(f"config section {section!r}: unknown key(s) {sorted(extra)}")
-        settings[section].update(values)
-    for (section, key), value in (overrides or {}).items():
+        for key, value in values.items():
+            if (section, key) in _MERGED_SUBSECTIONS and isinstance(value, Mapping):
+                settings[section][key] = {**settings[section][key], **value}
+            else:
+                settings[section][key] = value
+    for path, value in (overrides or {}).items():
         if value is not None:
-            settings[section][key] = value
+            *parents, key = path
+            node = settings
+            for part in parents:
+                node = node[part]
+            node[key] = value
     TrainParams.from_dict(settings["train"])
     data = settings["data"]
     if not 0 <= data["min_count"] <= data["max_count"]:
@@ -278,9 +291,9 @@ def retrain_best(best_params: Mapping[str, Any], dataset: PackedDataset, split_i
 def package_model(outcome: RetrainOutcome, counts: Sequence[int], settings: Mapping[str, Any],
                   run_pathspec: str) -> dict[str, Any]:
     """The SageMaker-style model.tar.gz of the retrained model, with its sha256."""
-    data = build_model_package(outcome.model, counts=list(counts), image_size=outcome.image_size,
-                               temperature=outcome.temperature, run_id=run_pathspec, version=run_pathspec)
-    return {"bytes": data, "sha256": package_sha256(data), "size": len(data)}
+    return package_artifact(build_model_package(outcome.model, counts=list(counts), image_size=outcome.image_size,
+                                                temperature=outcome.temperature, run_id=run_pathspec,
+                                                version=run_pathspec))
 
 
 def deploy_and_probe(model_package: Mapping[str, Any], dataset: PackedDataset, split_ids: Mapping[str, Any],
@@ -290,9 +303,13 @@ def deploy_and_probe(model_package: Mapping[str, Any], dataset: PackedDataset, s
 
     deploy = settings["deploy"]
     target_name = deploy["target"]
-    target = get_target(target_name, **({"port": deploy["port"]} if target_name == "local" else {}))
+    if target_name == "sagemaker":
+        options = {k: v for k, v in deploy["sagemaker"].items() if v is not None}
+    else:
+        options = {"port": deploy["port"]}
+    target = get_target(target_name, **options)
     probe = dataset.select(split_ids["test"][: deploy["probe_images"]])
-    name = f"{flow_name.lower()}-{run_id}"
+    name = deploy["endpoint_name"] or f"{flow_name.lower()}-{run_id}"
     info = target.deploy(model_package["bytes"], name)
     answers, latencies = [], []
     try:
@@ -305,7 +322,7 @@ def deploy_and_probe(model_package: Mapping[str, Any], dataset: PackedDataset, s
         if target_name == "local":
             target.delete(info)
     correct = [a["count"] == a["true_count"] for a in answers]
-    return {"target": target_name, "name": name, "info": dict(info.__dict__) if hasattr(info, "__dict__") else info,
+    return {"target": target_name, "name": name, "info": dataclasses.asdict(info),
             "answers": answers, "latencies_ms": latencies,
             "latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else float("nan"),
             "latency_ms_p99": float(np.percentile(latencies, 99)) if latencies else float("nan"),

@@ -6,6 +6,7 @@ endpoint preprocesses requests exactly as training did.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -31,7 +32,8 @@ def decode_rgb(data: bytes, name: str = "image") -> torch.Tensor:
     try:
         return decode_image(_as_tensor(data), mode=ImageReadMode.RGB)
     except RuntimeError as error:
-        reason = str(error).splitlines()[0].rsplit(",", 1)[-1].strip()
+        message = re.split(r"\.cpp:\d+,\s*", str(error).splitlines()[0])[-1]
+        reason = message.split(". ")[0].rstrip(".")
         raise ImageDecodeError(f"{name}: not a readable image ({reason})") from None
 
 

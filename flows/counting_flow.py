@@ -18,6 +18,7 @@ from counting.cards import (confusion_matrix_figure, figure, heading, learning_c
                             records_table, reliability_figure, trial_table)
 
 CONFIG_FILE = str(Path(__file__).with_name("config.json"))
+TRIAL_OUTPUTS = ["trial_result", "checkpoint", "trial_error"]
 
 
 class BinCountingFlow(FlowSpec):
@@ -38,6 +39,10 @@ class BinCountingFlow(FlowSpec):
                        help="Trials in the first search round (overrides search.trials).")
     deploy_target = Parameter("deploy-target", default=None,
                               help="'local' (loopback endpoint) or 'sagemaker' (overrides deploy.target).")
+    endpoint_name = Parameter("endpoint-name", default=None, help="Endpoint name (default: flow name and run id).")
+    sagemaker_role = Parameter("sagemaker-role", default=None, help="IAM role ARN the SageMaker model runs as.")
+    sagemaker_bucket = Parameter("sagemaker-bucket", default=None, help="S3 bucket for the model package.")
+    instance_type = Parameter("instance-type", default=None, help="SageMaker instance type, e.g. ml.m5.large.")
 
     @step
     def start(self):
@@ -45,7 +50,10 @@ class BinCountingFlow(FlowSpec):
         self.settings = pipeline.resolve_settings(self.config, {
             ("data", "min_count"): self.min_count, ("data", "max_count"): self.max_count,
             ("split", "val_fraction"): self.val_fraction, ("split", "test_fraction"): self.test_fraction,
-            ("search", "trials"): self.n_trials, ("deploy", "target"): self.deploy_target})
+            ("search", "trials"): self.n_trials, ("deploy", "target"): self.deploy_target,
+            ("deploy", "endpoint_name"): self.endpoint_name, ("deploy", "sagemaker", "role_arn"): self.sagemaker_role,
+            ("deploy", "sagemaker", "bucket"): self.sagemaker_bucket,
+            ("deploy", "sagemaker", "instance_type"): self.instance_type})
         self.search_space = pipeline.search_space(self.settings)
         self.counts = pipeline.count_classes(self.settings)
         print(f"Counting {self.counts} from {self.source!r}; {self.settings['search']['trials']} trials over "
@@ -73,7 +81,7 @@ class BinCountingFlow(FlowSpec):
     def pack(self, inputs):
         """Merge the shards into one pinned, content-addressed dataset snapshot."""
         self.dataset = pipeline.merge_shards([task.part for task in inputs], inputs[0].listing)
-        self.merge_artifacts(inputs, include=["settings", "search_space", "counts"])
+        self.merge_artifacts(inputs, exclude=["part"])
         self.manifest = self.dataset.manifest
         self.class_counts = self.dataset.class_counts()
         self.skipped = self.dataset.skipped
@@ -103,7 +111,7 @@ class BinCountingFlow(FlowSpec):
     def halve(self, inputs):
         """Keep the best fraction of the first round (successive halving) and ask TPE for new candidates."""
         self.first_round = pipeline.collect_trials(inputs)
-        self.merge_artifacts(inputs, include=["settings", "search_space", "counts", "split_ids", "dataset"])
+        self.merge_artifacts(inputs, exclude=TRIAL_OUTPUTS)
         self.second_round_plan = pipeline.plan_second_round(self.first_round, self.search_space, self.settings)
         self.next(self.second_round)
 
@@ -130,7 +138,7 @@ class BinCountingFlow(FlowSpec):
     @step
     def select(self, inputs):
         """Join the search: the table of every trial, failures with their errors, the best parameters."""
-        self.merge_artifacts(inputs, include=["settings", "counts", "split_ids", "dataset", "first_round"])
+        self.merge_artifacts(inputs, exclude=TRIAL_OUTPUTS)
         self.trials = self.first_round + pipeline.collect_trials(inputs)
         self.failed_trials = [t for t in self.trials if t["status"] != "ok"]
         self.best_trial = pipeline.best_trial(self.trials)

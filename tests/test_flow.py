@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from metaflow import Flow, Runner, namespace
 
 from counting.packaging import extract_package, load_handlers
+from counting.sources.generated import generate_abid_layout
 
 FLOW = str(Path(__file__).parents[1] / "flows" / "counting_flow.py")
 SMALL_CONFIG = json.loads((Path(FLOW).parent / "config.json").read_text())
@@ -39,14 +42,39 @@ def flow_env(tmp_path_factory):
             os.environ[key] = value
 
 
-def _run(env, config, **kwargs):
+@dataclass
+class Outcome:
+    status: str
+    stderr: str
+    run: Any
+
+
+def _finish(executing) -> Outcome:
+    """Read what the runner recorded before its context removes the logs."""
+    return Outcome(executing.status, executing.stderr, executing.run)
+
+
+def _run(env, config, **kwargs) -> Outcome:
     with Runner(FLOW, env=env, config_value=[("config", config)], show_output=False) as runner:
-        return runner.run(max_workers=2, **kwargs)
+        return _finish(runner.run(max_workers=2, **kwargs))
 
 
 @pytest.fixture(scope="module")
-def finished_run(flow_env):
-    result = _run(flow_env, SMALL_CONFIG)
+def damaged_source(tmp_path_factory):
+    """A generated ABID-layout folder with one truncated JPEG and one metadata file without a count."""
+    root = generate_abid_layout(tmp_path_factory.mktemp("abid"), 152, seed=5, progress=False)
+    images = sorted((root / "bin-images").iterdir())
+    images[0].write_bytes(images[0].read_bytes()[:300])
+    metadata = sorted((root / "metadata").iterdir())
+    broken = json.loads(metadata[1].read_text())
+    del broken["EXPECTED_QUANTITY"]
+    metadata[1].write_text(json.dumps(broken))
+    return root, images[0].stem, metadata[1].stem
+
+
+@pytest.fixture(scope="module")
+def finished_run(flow_env, damaged_source):
+    result = _run(flow_env, SMALL_CONFIG, source=str(damaged_source[0]))
     assert result.status == "successful", result.stderr
     namespace(None)
     return Flow("BinCountingFlow")[result.run.id]
@@ -73,6 +101,15 @@ def test_run_succeeds_and_artifacts_read_back(finished_run, tmp_path):
     assert answer["count"] in range(1, 6)
 
 
+def test_bad_images_and_metadata_are_skipped_and_reported(finished_run, damaged_source):
+    _, truncated, uncounted = damaged_source
+    skipped = {s["key"]: s["reason"] for s in finished_run.data.skipped}
+    assert len(skipped) == 2
+    assert any(truncated in key and "unreadable" in reason for key, reason in skipped.items())
+    assert any(uncounted in key and "EXPECTED_QUANTITY" in reason for key, reason in skipped.items())
+    assert {truncated, uncounted}.isdisjoint(m["id"] for m in finished_run.data.manifest)
+
+
 def test_second_round_continues_the_best_first_round_trials(finished_run):
     trials = finished_run.data.trials
     first = sorted((t for t in trials if t["round"] == 1), key=lambda t: (-t["val_accuracy"], t["val_rmse"]))
@@ -88,8 +125,8 @@ def test_resume_after_a_failed_retrain_clones_finished_steps(flow_env):
     config["search"].update(trials=2, tpe_trials=0)
     failing = _run({**flow_env, "COUNTING_FAIL_STEP": "retrain"}, config)
     assert failing.status == "failed"
-    with Runner(FLOW, env=flow_env, config_value=[("config", config)], show_output=False) as runner:
-        resumed = runner.resume(origin_run_id=failing.run.id)
+    with Runner(FLOW, env=flow_env, show_output=False) as runner:
+        resumed = _finish(runner.resume(origin_run_id=failing.run.id))
     assert resumed.status == "successful", resumed.stderr
     run = resumed.run
     assert run.data.test_metrics["accuracy"] >= 0
@@ -103,4 +140,4 @@ def test_malformed_search_space_stops_at_start_with_a_clear_error(flow_env):
     config["search"]["space"] = {"lr": {"type": "log_uniform", "low": 0.1, "high": 0.01}}
     result = _run(flow_env, config)
     assert result.status == "failed"
-    assert "low 0.1 is greater than high 0.01" in result.stderr
+    assert "low 0.1 is greater than high 0.01" in result.run["start"].task.stderr
