@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py | sha256sum | cut -c1-12)
 
 export USERNAME ?= counting
 
-.PHONY: setup run test benchmark clean
+.PHONY: setup run test clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,6 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
-
-benchmark: setup
-	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .metaflow

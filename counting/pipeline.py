@@ -32,7 +32,7 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "train": {},
     "search": {"trials": 4, "seed": 0, "first_round_fraction": 0.3, "keep_fraction": 0.5, "tpe_trials": 0,
                "space": tuning.SEED_SPACE},
-    "compute": {"parallel_trials": 2, "trial_timeout_minutes": 60, "retrain_timeout_minutes": 120},
+    "compute": {"parallel_trials": 2, "trial_timeout_minutes": 60, "retrain_timeout_minutes": 120, "remote": None},
     "deploy": {"target": "local", "port": 0, "probe_images": 16, "endpoint_name": None,
                "sagemaker": {"role_arn": None, "bucket": None, "region": None, "instance_type": "ml.m5.large"}},
 }

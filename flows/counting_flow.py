@@ -14,6 +14,7 @@ from metaflow import (Config, FlowSpec, Parameter, card, catch, config_expr, cur
                       timeout)
 
 from counting import pipeline
+from counting.compute import remote_compute
 from counting.cards import (confusion_matrix_figure, figure, heading, learning_curves, metrics_table,
                             records_table, reliability_figure, trial_table)
 
@@ -21,6 +22,7 @@ CONFIG_FILE = str(Path(__file__).with_name("config.json"))
 TRIAL_OUTPUTS = ["trial_result", "checkpoint", "trial_error"]
 
 
+@remote_compute
 class BinCountingFlow(FlowSpec):
     """Count objects in storage-bin photos: fetch, split, search, retrain, deploy."""
 
