@@ -116,7 +116,8 @@ def shard_listing(listing: Listing, settings: Mapping[str, Any]) -> list[list[It
 def fetch_shard(items: Sequence[Item], settings: Mapping[str, Any]) -> PackedDataset:
     """Fetch one shard and pack it at the training size; unreadable images are reported, not fatal."""
     result = load_items(items)
-    return pack_dataset(result.records, settings["data"]["image_size"], skipped=result.skipped, allow_empty=True)
+    return pack_dataset(result.records, settings["data"]["image_size"], skipped=result.skipped, allow_empty=True,
+                        workers=os.cpu_count() or 2)
 
 
 def merge_shards(parts: Sequence[PackedDataset], listing: Listing) -> PackedDataset:

@@ -79,6 +79,7 @@ class BinCountingFlow(FlowSpec):
         self.part = pipeline.fetch_shard(self.input, self.settings)
         self.next(self.pack)
 
+    @card(type="blank", id="data")
     @step
     def pack(self, inputs):
         """Merge the shards into one pinned, content-addressed dataset snapshot."""
@@ -89,6 +90,10 @@ class BinCountingFlow(FlowSpec):
         self.skipped = self.dataset.skipped
         print(f"Dataset {self.dataset.fingerprint[:12]}: {len(self.manifest)} images {self.class_counts}, "
               f"{len(self.skipped)} skipped")
+        current.card.extend([
+            heading(f"Dataset {self.dataset.fingerprint[:12]}"),
+            metrics_table({f"count {count}": n for count, n in sorted(self.class_counts.items())}),
+            heading(f"Skipped: {len(self.skipped)}"), records_table(self.skipped, ["key", "reason"], limit=200)])
         self.next(self.split)
 
     @step

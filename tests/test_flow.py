@@ -19,7 +19,7 @@ FLOW = str(Path(__file__).parents[1] / "flows" / "counting_flow.py")
 SMALL_CONFIG = json.loads((Path(FLOW).parent / "config.json").read_text())
 SMALL_CONFIG["data"].update(generated_images=150, image_size=32)
 SMALL_CONFIG["train"].update(backbone="resnet18", weights="none", image_size=32)
-SMALL_CONFIG["search"].update(trials=3, tpe_trials=1, space={
+SMALL_CONFIG["search"].update(trials=3, tpe_trials=1, keep_fraction=0.5, first_round_fraction=0.3, space={
     "lr": {"type": "log_uniform", "low": 0.01, "high": 0.1},
     "batch_size": {"type": "choice", "values": [32, 64]},
     "epochs": {"type": "int", "low": 2, "high": 3},
@@ -73,11 +73,20 @@ def damaged_source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished_run(flow_env, damaged_source):
-    result = _run(flow_env, SMALL_CONFIG, source=str(damaged_source[0]))
-    assert result.status == "successful", result.stderr
+def failed_and_resumed(flow_env, damaged_source):
+    """A run made to fail in retrain, then resumed: (the failed run's id, the resumed run)."""
+    failing = _run({**flow_env, "COUNTING_FAIL_STEP": "retrain"}, SMALL_CONFIG, source=str(damaged_source[0]))
+    assert failing.status == "failed"
+    with Runner(FLOW, env=flow_env, show_output=False) as runner:  # resume reuses the original run's config
+        resumed = _finish(runner.resume(origin_run_id=failing.run.id))
+    assert resumed.status == "successful", resumed.stderr
     namespace(None)
-    return Flow("BinCountingFlow")[result.run.id]
+    return failing.run.id, Flow("BinCountingFlow")[resumed.run.id]
+
+
+@pytest.fixture(scope="module")
+def finished_run(failed_and_resumed):
+    return failed_and_resumed[1]
 
 
 def test_run_succeeds_and_artifacts_read_back(finished_run, tmp_path):
@@ -120,19 +129,15 @@ def test_second_round_continues_the_best_first_round_trials(finished_run):
             assert t["epochs_trained"] == t["params"]["epochs"]
 
 
-def test_resume_after_a_failed_retrain_clones_finished_steps(flow_env):
-    config = copy.deepcopy(SMALL_CONFIG)
-    config["search"].update(trials=2, tpe_trials=0)
-    failing = _run({**flow_env, "COUNTING_FAIL_STEP": "retrain"}, config)
-    assert failing.status == "failed"
-    with Runner(FLOW, env=flow_env, show_output=False) as runner:
-        resumed = _finish(runner.resume(origin_run_id=failing.run.id))
-    assert resumed.status == "successful", resumed.stderr
-    run = resumed.run
-    assert run.data.test_metrics["accuracy"] >= 0
-    trial_tasks = list(run["trial"])
-    assert trial_tasks and all(t.metadata_dict.get("origin-task-id") for t in trial_tasks)
+def test_resume_after_a_failed_retrain_clones_finished_steps(failed_and_resumed):
+    failed_id, run = failed_and_resumed
+    failed = Flow("BinCountingFlow")[failed_id]
+    assert not failed["retrain"].task.successful
+    assert "failing step 'retrain' as requested" in failed["retrain"].task.stderr
+    for step in ("fetch", "pack", "split", "trial", "extend", "select"):
+        assert all(t.metadata_dict.get("origin-task-id") for t in run[step]), step
     assert not run["retrain"].task.metadata_dict.get("origin-task-id")
+    assert run.data.test_metrics["accuracy"] >= 0
 
 
 def test_malformed_search_space_stops_at_start_with_a_clear_error(flow_env):
