@@ -18,6 +18,8 @@ import boto3
 import pytest
 from metaflow import Runner
 
+from counting.sources.generated import generate_abid_layout
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = ROOT / "flows" / "counting_flow.py"
 CONFIGS = ROOT / "flows" / "configs"
@@ -27,7 +29,7 @@ GPU_STEPS = ("trial", "extend", "retrain")
 PARAMETERS = set(re.findall(r'Parameter\(\s*"([^"]+)"', FLOW.read_text()))
 
 TINY_CONFIG = json.loads((FLOW.parent / "config.json").read_text())
-TINY_CONFIG["data"].update(generated_images=100, image_size=32)
+TINY_CONFIG["data"].update(generated_images=100, image_size=32, shard_size=25)
 TINY_CONFIG["train"].update(backbone="resnet18", weights="none", image_size=32)
 TINY_CONFIG["search"].update(trials=2, tpe_trials=0, space={
     "lr": {"type": "log_uniform", "low": 0.01, "high": 0.1},
@@ -66,13 +68,26 @@ def s3_env(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def resumed_run(s3_env, tmp_path_factory):
+def abid_on_s3(s3_env, tmp_path_factory) -> str:
+    """60 generated bins in ABID layout on the moto server; one truncated image, one malformed metadata file."""
+    root = generate_abid_layout(tmp_path_factory.mktemp("bins"), 60, seed=3, progress=False)
+    damaged = {"00001.jpg": lambda body: body[:200], "00002.json": lambda body: b"{not json"}
+    s3 = _s3(s3_env["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="bins")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        body = damaged.get(path.name, lambda data: data)(path.read_bytes())
+        s3.put_object(Bucket="bins", Key=f"abid/{path.relative_to(root).as_posix()}", Body=body)
+    return "s3://bins/abid"
+
+
+@pytest.fixture(scope="module")
+def resumed_run(s3_env, abid_on_s3, tmp_path_factory):
     """A run on S3 that fails in retrain, then its resume: the finished run, read with the client."""
     flow = FLOW
     config = [("config", TINY_CONFIG)]
     with Runner(str(flow), env={**s3_env, "COUNTING_FAIL_STEP": "retrain"}, config_value=config,
                 show_output=False) as runner:
-        failing = runner.run(max_workers=2)
+        failing = runner.run(max_workers=2, source=abid_on_s3)
         assert failing.status == "failed" and not failing.run["retrain"].task.successful, failing.stderr
         origin = failing.run.id
     with Runner(str(flow), env=s3_env, show_output=False) as runner:  # resume reuses the origin's config
@@ -101,6 +116,14 @@ def test_run_on_s3_resumes_after_a_failed_retrain_and_reads_back(resumed_run):
     trial_tasks = list(run["trial"])
     assert len(trial_tasks) == 2 and all(t.metadata_dict.get("origin-task-id") for t in trial_tasks)
     assert not run["retrain"].task.metadata_dict.get("origin-task-id")
+
+
+def test_fetch_is_sharded_and_damaged_objects_are_reported(resumed_run):
+    assert len(list(resumed_run["fetch_shard"])) == 3
+    skipped = {s["key"]: s["reason"] for s in resumed_run.data.skipped}
+    assert set(skipped) == {"s3://bins/abid/bin-images/00001.jpg", "s3://bins/abid/metadata/00002.json"}
+    assert len(resumed_run.data.manifest) == 58
+    assert all(m["key"].startswith("s3://bins/abid/bin-images/") for m in resumed_run.data.manifest)
 
 
 def test_the_dataset_is_stored_once_on_s3_and_referenced_by_every_step(resumed_run, s3_env):
