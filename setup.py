@@ -31,7 +31,7 @@ setup(
             "pytest==9.2.0",
             "moto[server]==5.2.5",
             "httpx==0.28.1",
-            "kubernetes==37.0.2",
+            "kubernetes==37.0.1",
             "sagemaker-core==2.27.0",
         ],
     },

@@ -13,7 +13,9 @@ import pytest
 from metaflow import Flow, Runner, namespace
 
 from counting.packaging import extract_package, load_handlers
+from conftest import SHARED_ABID
 from counting.sources.generated import generate_abid_layout
+
 
 FLOW = str(Path(__file__).parents[1] / "flows" / "counting_flow.py")
 SMALL_CONFIG = json.loads((Path(FLOW).parent / "config.json").read_text())
@@ -61,15 +63,31 @@ def _run(env, config, **kwargs) -> Outcome:
 
 @pytest.fixture(scope="module")
 def damaged_source(tmp_path_factory):
-    """A generated ABID-layout folder with one truncated JPEG and one metadata file without a count."""
-    root = generate_abid_layout(tmp_path_factory.mktemp("abid"), 152, seed=5, progress=False)
-    images = sorted((root / "bin-images").iterdir())
-    images[0].write_bytes(images[0].read_bytes()[:300])
-    metadata = sorted((root / "metadata").iterdir())
-    broken = json.loads(metadata[1].read_text())
+    """ABID layout: the real photos and metadata of ../shared/abid/abid-layout linked in place (generated bins where
+    that folder is absent), with one image truncated and one in-range metadata file stripped of its count.
+
+    Returns the folder, the damaged ids and the number of images that should survive."""
+    root = tmp_path_factory.mktemp("abid")
+    real = SHARED_ABID / "abid-layout"
+    if real.is_dir():
+        for part in ("bin-images", "metadata"):
+            (root / part).mkdir()
+            for path in sorted((real / part).iterdir()):
+                (root / part / path.name).symlink_to(path.resolve())
+    else:
+        generate_abid_layout(root, 152, seed=5, progress=False)
+    in_range = [m for m in sorted((root / "metadata").iterdir())
+                if 1 <= json.loads(m.read_text())["EXPECTED_QUANTITY"] <= 5]
+    truncated, uncounted = in_range[0].stem, in_range[1]
+    image = root / "bin-images" / f"{truncated}.jpg"
+    data = image.read_bytes()
+    image.unlink()
+    image.write_bytes(data[:300])
+    broken = json.loads(uncounted.read_text())
     del broken["EXPECTED_QUANTITY"]
-    metadata[1].write_text(json.dumps(broken))
-    return root, images[0].stem, metadata[1].stem
+    uncounted.unlink()
+    uncounted.write_text(json.dumps(broken))
+    return root, truncated, uncounted.stem, len(in_range) - 2
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +115,8 @@ def test_run_succeeds_and_artifacts_read_back(finished_run, tmp_path):
     assert rounds.count(1) == 3 and rounds.count(2) >= 2
     assert all(t["status"] == "ok" for t in data.trials)
     assert {"accuracy", "rmse", "mae", "off_by_one", "per_class_accuracy", "confusion_matrix"} <= set(data.test_metrics)
-    assert len(data.manifest) == 150 and {"id", "count", "sha256", "key"} <= set(data.manifest[0])
-    assert sum(data.class_counts.values()) == 150
+    assert {"id", "count", "sha256", "key"} <= set(data.manifest[0])
+    assert sum(data.class_counts.values()) == len(data.manifest) == len(data.dataset.images)
     assert {r["rule"] for r in data.debug_report} >= {"loss_not_finite", "exploding_gradients", "overfitting"}
     assert data.profile["top_operators"]
     assert len(data.endpoint["answers"]) == 4 and all(a["count"] in range(1, 6) for a in data.endpoint["answers"])
@@ -111,11 +129,13 @@ def test_run_succeeds_and_artifacts_read_back(finished_run, tmp_path):
 
 
 def test_bad_images_and_metadata_are_skipped_and_reported(finished_run, damaged_source):
-    _, truncated, uncounted = damaged_source
+    _, truncated, uncounted, survivors = damaged_source
+    assert len(finished_run.data.manifest) == survivors
     skipped = {s["key"]: s["reason"] for s in finished_run.data.skipped}
-    assert len(skipped) == 2
     assert any(truncated in key and "unreadable" in reason for key, reason in skipped.items())
     assert any(uncounted in key and "EXPECTED_QUANTITY" in reason for key, reason in skipped.items())
+    others = [reason for key, reason in skipped.items() if truncated not in key and uncounted not in key]
+    assert all(reason.startswith("count out of range") for reason in others)
     assert {truncated, uncounted}.isdisjoint(m["id"] for m in finished_run.data.manifest)
 
 
