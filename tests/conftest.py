@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny JPEGs, small ABID-layout folders, the real ABID sample, a local S3 (moto) server."""
+"""Shared fixtures: tiny JPEGs, ABID-layout folders, the real ABID sample, moto for S3 and SageMaker."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import boto3
 import pytest
 import torch
 
 from counting.preprocess import encode_jpeg_bytes
+from serving_fixtures import BUCKET
 
 SHARED_ABID = Path(__file__).resolve().parents[1] / "../shared/abid"
 
@@ -90,3 +92,44 @@ def aws_env(moto_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     return moto_server
+
+
+# moto answers describe calls with empty VpcConfig/DataCaptureConfig objects that sagemaker-core refuses, and has
+# no UpdateEndpoint: the `moto_sagemaker` fixture patches both into the in-process moto server.
+
+
+def _drop_empty_objects(original: Callable) -> Callable:
+    from moto.core.responses import ActionResult
+
+    def describe(self):
+        result = original(self).result
+        return ActionResult({key: value for key, value in result.items() if value != {}})
+
+    return describe
+
+
+def _update_endpoint(self):
+    from moto.core.responses import ActionResult
+    from moto.core.utils import utcnow
+
+    backend = self.sagemaker_backend
+    endpoint_name = self._get_param("EndpointName")
+    config = backend.describe_endpoint_config(self._get_param("EndpointConfigName"))
+    backend.describe_endpoint(endpoint_name)  # raises moto's not-found error for unknown endpoints
+    endpoint = backend.endpoints[endpoint_name]
+    endpoint.endpoint_config_name = config["EndpointConfigName"]
+    endpoint.production_variants = endpoint._process_production_variants(config["ProductionVariants"])
+    endpoint.last_modified_time = utcnow()
+    return ActionResult({"EndpointArn": endpoint.arn})
+
+
+@pytest.fixture
+def moto_sagemaker(aws_env: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The conftest moto server, able to serve sagemaker-core, with the bucket BUCKET; returns its URL."""
+    from moto.sagemaker.responses import SageMakerResponse
+
+    for name in ("describe_model", "describe_endpoint_config", "describe_endpoint"):
+        monkeypatch.setattr(SageMakerResponse, name, _drop_empty_objects(getattr(SageMakerResponse, name)))
+    monkeypatch.setattr(SageMakerResponse, "update_endpoint", _update_endpoint, raising=False)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    return aws_env

@@ -1,16 +1,10 @@
-"""Tiny model packages, test images and a SageMaker-capable moto server, shared by the serving-side tests.
-
-moto answers describe calls with empty VpcConfig/DataCaptureConfig objects that sagemaker-core refuses, and has
-no UpdateEndpoint: the `moto_sagemaker` fixture patches both into the in-process moto server.
-"""
+"""Tiny model packages and test images shared by the serving-side tests."""
 
 from __future__ import annotations
 
 import base64
 import functools
-from collections.abc import Callable
 
-import boto3
 import pytest
 import torch
 from torchvision.io import encode_png
@@ -75,40 +69,3 @@ def assert_same_answer(actual: dict, expected: dict) -> None:
             assert actual[key] == pytest.approx(value, abs=1e-5)
         else:
             assert actual[key] == value, key
-
-
-def _drop_empty_objects(original: Callable) -> Callable:
-    from moto.core.responses import ActionResult
-
-    def describe(self):
-        result = original(self).result
-        return ActionResult({key: value for key, value in result.items() if value != {}})
-
-    return describe
-
-
-def _update_endpoint(self):
-    from moto.core.responses import ActionResult
-    from moto.core.utils import utcnow
-
-    backend = self.sagemaker_backend
-    endpoint_name = self._get_param("EndpointName")
-    config = backend.describe_endpoint_config(self._get_param("EndpointConfigName"))
-    backend.describe_endpoint(endpoint_name)  # raises moto's not-found error for unknown endpoints
-    endpoint = backend.endpoints[endpoint_name]
-    endpoint.endpoint_config_name = config["EndpointConfigName"]
-    endpoint.production_variants = endpoint._process_production_variants(config["ProductionVariants"])
-    endpoint.last_modified_time = utcnow()
-    return ActionResult({"EndpointArn": endpoint.arn})
-
-
-@pytest.fixture
-def moto_sagemaker(aws_env: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The conftest moto server, able to serve sagemaker-core, with the bucket BUCKET; returns its URL."""
-    from moto.sagemaker.responses import SageMakerResponse
-
-    for name in ("describe_model", "describe_endpoint_config", "describe_endpoint"):
-        monkeypatch.setattr(SageMakerResponse, name, _drop_empty_objects(getattr(SageMakerResponse, name)))
-    monkeypatch.setattr(SageMakerResponse, "update_endpoint", _update_endpoint, raising=False)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    return aws_env

@@ -13,7 +13,7 @@ import boto3
 import httpx
 import pytest
 from metaflow import Runner
-from serving_fixtures import BUCKET, COUNTS, ROLE, jpeg, moto_sagemaker, png, tiny_package  # noqa: F401 - fixture
+from serving_fixtures import BUCKET, COUNTS, ROLE, jpeg, png, tiny_package
 
 from counting.cli import main
 from counting.packaging import load_package

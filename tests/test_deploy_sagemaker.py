@@ -11,7 +11,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from serving_fixtures import BUCKET, ROLE, jpeg, moto_sagemaker, tiny_package  # noqa: F401 - fixture
+from serving_fixtures import BUCKET, ROLE, jpeg, tiny_package
 
 from counting.deploy import EndpointInfo, InvocationError, get_target
 from counting.deploy.sagemaker import SageMakerTarget
