@@ -21,7 +21,9 @@ from counting.packaging import build_model_package, package_artifact
 from counting.sources import Item, Listing, list_items, load_items, shard_items
 from counting.sources.base import summarize_skips
 from counting.split import stratified_split
-from counting.training import LabelledImages, TrainParams, fit, predict_logits, threads_per_task
+from counting.checkpoints import TaskCheckpoint
+from counting.training import (FitResult, LabelledImages, TrainParams, fit, predict_logits,
+                               threads_per_task)
 
 FAIL_ENV = "COUNTING_FAIL_STEP"
 
@@ -170,15 +172,32 @@ def labelled(dataset: PackedDataset, ids: Sequence[str], counts: Sequence[int]) 
     return LabelledImages(images=part.images, labels=[c - counts[0] for c in part.counts])
 
 
-def checkpoint_path(pathspec: str) -> Path:
-    """A per-task checkpoint file that survives the task's retries on the same machine."""
-    return Path(tempfile.gettempdir()) / "counting-checkpoints" / (pathspec.replace("/", "-") + ".pt")
+def fit_checkpointed(params: TrainParams, train: LabelledImages, val: LabelledImages, counts: Sequence[int],
+                      checkpoints: TaskCheckpoint | None, step_name: str, resume_state: bytes | None = None,
+                      **options: Any) -> FitResult:
+    """`fit`, saving the training state to `checkpoints` after every epoch and resuming from it when it exists
+    (a retried task, wherever it runs); `resume_state` (a first-round trial's state) is used otherwise."""
+    saved = checkpoints.load() if checkpoints is not None else None
+    if saved is not None:
+        print(f"Resuming from the checkpoint this task saved before its retry: {checkpoints.uri}")
+        resume_state = saved
+    with tempfile.TemporaryDirectory(prefix="counting-checkpoint-") as scratch:
+        local = Path(scratch) / "checkpoint.pt"
+
+        def after_epoch(row: dict) -> None:
+            if checkpoints is not None:
+                checkpoints.save(local.read_bytes())
+            fail_if_requested(step_name, epoch=row["epoch"])
+
+        return fit(params, train, val, counts=counts, checkpoint_path=local, resume_state=resume_state,
+                   on_epoch_end=after_epoch, **options)
 
 
 def run_trial(candidate: Mapping[str, Any], dataset: PackedDataset, split_ids: Mapping[str, Any],
               counts: Sequence[int], settings: Mapping[str, Any], parallel_tasks: int,
-              pathspec: str | None = None) -> tuple[dict[str, Any], bytes]:
-    """Train one candidate (continuing its first-round checkpoint if it has one); return record and state."""
+              checkpoints: TaskCheckpoint | None = None, pathspec: str | None = None) -> tuple[dict[str, Any], bytes]:
+    """Train one candidate (continuing its own checkpoint after a retry, else its first-round trial's state);
+    return the trial record and the final training state."""
     from metaflow import Task, current
 
     pathspec = pathspec or current.pathspec
@@ -189,9 +208,10 @@ def run_trial(candidate: Mapping[str, Any], dataset: PackedDataset, split_ids: M
     threads = threads_per_task(min(parallel_tasks, settings["compute"]["parallel_trials"]))
     print(f"Trial {candidate['trial_id']} round {candidate['round']}: {dict(candidate['params'])}, {threads} threads")
     started = time.perf_counter()
-    result = fit(params, labelled(dataset, split_ids["train"], counts), labelled(dataset, split_ids["val"], counts),
-                 counts=counts, threads=threads, checkpoint_path=checkpoint_path(pathspec),
-                 resume_state=resume_state, stop_after_epoch=candidate.get("stop_after_epoch"))
+    result = fit_checkpointed(params, labelled(dataset, split_ids["train"], counts),
+                               labelled(dataset, split_ids["val"], counts), counts, checkpoints,
+                               pathspec.split("/")[-2], resume_state=resume_state, threads=threads,
+                               stop_after_epoch=candidate.get("stop_after_epoch"))
     record = {
         "trial_id": candidate["trial_id"], "round": candidate["round"], "params": dict(candidate["params"]),
         "status": "ok", "error": None, "task": pathspec,
@@ -229,10 +249,15 @@ def best_trial(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return ranked[0]
 
 
-def fail_if_requested(step_name: str) -> None:
-    """Fail on purpose when COUNTING_FAIL_STEP names this step (to rehearse `resume`)."""
-    if os.environ.get(FAIL_ENV) == step_name:
-        raise RuntimeError(f"{FAIL_ENV}={step_name}: failing step {step_name!r} as requested")
+def fail_if_requested(step_name: str, epoch: int | None = None) -> None:
+    """Fail on purpose where COUNTING_FAIL_STEP asks, to rehearse `resume` and retries.
+
+    The variable holds comma-separated entries: `STEP` fails that step as it starts; `STEP@N` fails it right
+    after it saves the checkpoint of epoch N (a retry resumes after epoch N, so it does not fail again).
+    """
+    wanted = step_name if epoch is None else f"{step_name}@{epoch}"
+    if wanted in [entry.strip() for entry in os.environ.get(FAIL_ENV, "").split(",")]:
+        raise RuntimeError(f"{FAIL_ENV} has {wanted!r}: failing step {step_name!r} as requested")
 
 
 @dataclass
@@ -253,13 +278,15 @@ class RetrainOutcome:
 
 
 def retrain_best(best_params: Mapping[str, Any], dataset: PackedDataset, split_ids: Mapping[str, Any],
-                 counts: Sequence[int], settings: Mapping[str, Any]) -> RetrainOutcome:
-    """Train the best configuration from scratch, profile it, check debugging rules, calibrate, test."""
+                 counts: Sequence[int], settings: Mapping[str, Any],
+                 checkpoints: TaskCheckpoint | None = None) -> RetrainOutcome:
+    """Train the best configuration from scratch (or from this task's checkpoint after a retry), profile it,
+    check debugging rules, calibrate, test."""
     params = TrainParams.from_dict({**settings["train"], **best_params})
     train = labelled(dataset, split_ids["train"], counts)
     val = labelled(dataset, split_ids["val"], counts)
     profile = diagnostics.profile_training(params, train, counts=counts)
-    result = fit(params, train, val, counts=counts)
+    result = fit_checkpointed(params, train, val, counts, checkpoints, "retrain")
     report = diagnostics.debug_rules(result)
     for rule in report:
         print(f"Rule {rule['rule']}: {rule['verdict']} ({rule['detail']})")

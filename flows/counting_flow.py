@@ -14,6 +14,7 @@ from metaflow import (Config, FlowSpec, Parameter, card, catch, config_expr, cur
                       timeout)
 
 from counting import pipeline
+from counting.checkpoints import task_checkpoint
 from counting.compute import remote_compute
 from counting.cards import (confusion_matrix_figure, figure, heading, learning_curves, metrics_table,
                             records_table, reliability_figure, trial_table)
@@ -111,7 +112,8 @@ class BinCountingFlow(FlowSpec):
     def trial(self):
         """Train one candidate for the short first round."""
         self.trial_result, self.checkpoint = pipeline.run_trial(
-            self.input, self.dataset, self.split_ids, self.counts, self.settings, len(self.first_round_plan))
+            self.input, self.dataset, self.split_ids, self.counts, self.settings, len(self.first_round_plan),
+            checkpoints=task_checkpoint(self))
         self.next(self.halve)
 
     @step
@@ -138,7 +140,8 @@ class BinCountingFlow(FlowSpec):
     def extend(self):
         """Continue a surviving candidate (or train a new TPE one) to its full budget."""
         self.trial_result, self.checkpoint = pipeline.run_trial(
-            self.input, self.dataset, self.split_ids, self.counts, self.settings, len(self.second_round_plan))
+            self.input, self.dataset, self.split_ids, self.counts, self.settings, len(self.second_round_plan),
+            checkpoints=task_checkpoint(self))
         self.next(self.select)
 
     @card(type="blank", id="search")
@@ -157,13 +160,15 @@ class BinCountingFlow(FlowSpec):
         self.next(self.retrain)
 
     @card(type="blank", id="retrain")
+    @retry(times=1)
     @timeout(minutes=config_expr("config.get('compute', {}).get('retrain_timeout_minutes', 240)"))
     @resources(gpu=1, cpu=4, memory=16000)
     @step
     def retrain(self):
         """Train the best configuration again with profiling and debugging rules; calibrate; test."""
         pipeline.fail_if_requested("retrain")
-        outcome = pipeline.retrain_best(self.best_params, self.dataset, self.split_ids, self.counts, self.settings)
+        outcome = pipeline.retrain_best(self.best_params, self.dataset, self.split_ids, self.counts, self.settings,
+                                        checkpoints=task_checkpoint(self))
         self.model_state, self.model_spec = outcome.model_state, outcome.model_spec
         self.history, self.profile, self.debug_report = outcome.history, outcome.profile, outcome.debug_report
         self.temperature, self.calibration = outcome.temperature, outcome.calibration

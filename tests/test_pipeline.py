@@ -90,3 +90,13 @@ def test_fail_if_requested(monkeypatch):
     with pytest.raises(RuntimeError, match="failing step 'retrain' as requested"):
         pipeline.fail_if_requested("retrain")
     pipeline.fail_if_requested("deploy")
+
+
+def test_fail_after_an_epoch_only_at_that_epoch(monkeypatch):
+    monkeypatch.setenv(pipeline.FAIL_ENV, "deploy, trial@2")
+    pipeline.fail_if_requested("trial")
+    pipeline.fail_if_requested("trial", epoch=1)
+    with pytest.raises(RuntimeError, match="'trial@2'"):
+        pipeline.fail_if_requested("trial", epoch=2)
+    with pytest.raises(RuntimeError, match="'deploy'"):
+        pipeline.fail_if_requested("deploy")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from metaflow import Runner
+from metaflow import Runner, Task
 
 from counting.sources.generated import generate_abid_layout
 
@@ -81,19 +81,24 @@ def abid_on_s3(s3_env, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(s3_env, abid_on_s3, tmp_path_factory):
-    """A run on S3 that fails in retrain, then its resume: the finished run, read with the client."""
-    flow = FLOW
+def failed_and_resumed(s3_env, abid_on_s3):
+    """A run on S3 whose trials fail once after their first epoch and whose retrain fails, then its resume:
+    both runs, read with the client."""
     config = [("config", TINY_CONFIG)]
-    with Runner(str(flow), env={**s3_env, "COUNTING_FAIL_STEP": "retrain"}, config_value=config,
+    with Runner(str(FLOW), env={**s3_env, "COUNTING_FAIL_STEP": "trial@1,retrain"}, config_value=config,
                 show_output=False) as runner:
         failing = runner.run(max_workers=2, source=abid_on_s3)
         assert failing.status == "failed" and not failing.run["retrain"].task.successful, failing.stderr
-        origin = failing.run.id
-    with Runner(str(flow), env=s3_env, show_output=False) as runner:  # resume reuses the origin's config
-        resumed = runner.resume(origin_run_id=origin)
+        origin = failing.run
+    with Runner(str(FLOW), env=s3_env, show_output=False) as runner:  # resume reuses the origin's config
+        resumed = runner.resume(origin_run_id=origin.id)
         assert resumed.status == "successful", _failed_task_logs(resumed.run)
-        return resumed.run
+        return origin, resumed.run
+
+
+@pytest.fixture(scope="module")
+def resumed_run(failed_and_resumed):
+    return failed_and_resumed[1]
 
 
 def _failed_task_logs(run) -> str:
@@ -116,6 +121,18 @@ def test_run_on_s3_resumes_after_a_failed_retrain_and_reads_back(resumed_run):
     trial_tasks = list(run["trial"])
     assert len(trial_tasks) == 2 and all(t.metadata_dict.get("origin-task-id") for t in trial_tasks)
     assert not run["retrain"].task.metadata_dict.get("origin-task-id")
+
+
+def test_a_retried_trial_resumes_from_its_checkpoint_on_s3(failed_and_resumed, s3_env):
+    origin, _ = failed_and_resumed
+    s3 = _s3(s3_env["AWS_ENDPOINT_URL"])
+    for task in origin["trial"]:
+        assert task.successful and task.current_attempt == 1
+        assert "'trial@1': failing step 'trial' as requested" in Task(task.pathspec, attempt=0).stderr
+        key = f"metaflow/BinCountingFlow/counting-checkpoints/{origin.id}/trial/{task.id}.pt"
+        assert f"Resuming from the checkpoint this task saved before its retry: s3://{BUCKET}/{key}" in task.stdout
+        assert s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"] > 0
+        assert [row["epoch"] for row in task.data.trial_result["history"]] == [1]
 
 
 def test_fetch_is_sharded_and_damaged_objects_are_reported(resumed_run):
