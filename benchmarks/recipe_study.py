@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from counting.metrics import count_metrics  # noqa: E402
+from counting.models import DECODINGS, decode_indices  # noqa: E402
 from counting.split import stratified_split  # noqa: E402
 from counting.training import LabelledImages, TrainParams, fit, predict_logits  # noqa: E402
 
@@ -63,13 +64,19 @@ def prepare(source: str, output: Path, image_size: int, quality: int, min_count:
 
 
 def _score(model, images, labels, counts, tta_flip: bool, device: str) -> dict:
-    logits = predict_logits(model, images, device=device, tta_flip=tta_flip)
-    predicted = [counts[i] for i in model.probabilities(logits).argmax(dim=1).tolist()]
-    metrics = count_metrics([counts[i] for i in labels], predicted, counts)
-    return {k: round(float(metrics[k]), 4) for k in ("accuracy", "rmse", "mae", "off_by_one")}
+    """Test metrics of each way to read a count from the probabilities (argmax, rounded expected count)."""
+    probabilities = model.probabilities(predict_logits(model, images, device=device, tta_flip=tta_flip))
+    truth = [counts[i] for i in labels]
+    scores = {}
+    for decoding in DECODINGS:
+        indices = decode_indices(probabilities, decoding).tolist()
+        metrics = count_metrics(truth, [counts[i] for i in indices], counts)
+        scores[decoding] = {k: round(float(metrics[k]), 4) for k in ("accuracy", "rmse", "mae", "off_by_one")}
+    return scores
 
 
-def study(data: Path, budget_seconds: float, results: Path, only: list[int] | None, epochs_scale: float) -> None:
+def study(data: Path, budget_seconds: float, results: Path, only: list[int] | None, epochs_scale: float,
+          image_size: int | None) -> None:
     """Train the variants in order until the budget is spent; print and append one JSON line each."""
     packed = torch.load(data, weights_only=False)
     counts = sorted(set(packed["counts"]))
@@ -90,13 +97,13 @@ def study(data: Path, budget_seconds: float, results: Path, only: list[int] | No
         if time.perf_counter() - started > budget_seconds:
             print(f"budget spent; skipped: {name}", flush=True)
             continue
-        values = {**BASE, **overrides}
+        values = {**BASE, **({"image_size": image_size} if image_size else {}), **overrides}
         values["epochs"] = max(1, round(values["epochs"] * epochs_scale))
         params = TrainParams.from_dict(values)
         t0 = time.perf_counter()
         result = fit(params, train, val, counts=counts, device=device, progress=False)
         seconds = time.perf_counter() - t0
-        row = {"variant": name, "params": overrides, "epochs": params.epochs, "best_epoch": result.best_epoch,
+        row = {"variant": name, "params": overrides, "image_size": params.image_size, "epochs": params.epochs, "best_epoch": result.best_epoch,
                "val_accuracy": round(result.val_metrics["accuracy"], 4),
                "test": _score(result.model, test.images, test.labels, counts, False, device),
                "test_flip_tta": _score(result.model, test.images, test.labels, counts, True, device),
@@ -123,11 +130,12 @@ def main() -> None:
     run.add_argument("--results", type=Path, default=Path("recipe_results.jsonl"))
     run.add_argument("--only", type=int, nargs="*", help="indices of the variants to run")
     run.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every variant's epochs")
+    run.add_argument("--image-size", type=int, help="the baseline's image size (variants that set one keep it)")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.source, args.output, args.image_size, args.quality, args.min_count, args.max_count)
     else:
-        study(args.data, args.budget_seconds, args.results, args.only, args.epochs_scale)
+        study(args.data, args.budget_seconds, args.results, args.only, args.epochs_scale, args.image_size)
 
 
 if __name__ == "__main__":

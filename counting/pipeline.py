@@ -306,8 +306,8 @@ def retrain_best(best_params: Mapping[str, Any], dataset: PackedDataset, split_i
     }
     test = labelled(dataset, split_ids["test"], counts)
     test_probs = result.model.probabilities(predict_logits(result.model, test.images, tta_flip=params.tta_flip),
-                                            temperature).numpy()
-    predicted = [counts[i] for i in test_probs.argmax(axis=1)]
+                                            temperature)
+    predicted = [counts[i] for i in result.model.decode(test_probs).tolist()]
     truth = [counts[i] for i in test.labels]
     return RetrainOutcome(
         model=result.model, model_state=result.model.state_dict(), model_spec=dict(result.model.spec),

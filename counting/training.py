@@ -30,13 +30,12 @@ from tqdm import tqdm
 from counting.images import augment_batch
 from counting.losses import make_loss
 from counting.metrics import count_metrics
-from counting.models import BACKBONES, CountingModel, build_model
+from counting.models import BACKBONES, DECODINGS, HEADS, CountingModel, build_model
 from counting.preprocess import decode_jpeg_batch, normalize, resize_square
 
 LOG = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
-HEADS = ("classification", "ordinal")
 AUGMENT_POLICIES = ("none", "flip", "bin")
 PHASES = ("data", "forward", "backward", "optimizer")
 # Options that change how a run executes but not what it computes: a checkpoint may be resumed with other values.
@@ -68,6 +67,7 @@ class TrainParams:
     augment: str = "flip"
     early_stopping_patience: int | None = None
     tta_flip: bool = False
+    decoding: str = "argmax"
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
@@ -111,6 +111,7 @@ def _validate_params(p: TrainParams) -> None:
     _require(isinstance(p.weights, str) and bool(p.weights), "weights", p.weights,
              "use 'imagenet', 'none' or the path of a state dict file")
     _require(p.head in HEADS, "head", p.head, f"use one of {list(HEADS)}")
+    _require(p.decoding in DECODINGS, "decoding", p.decoding, f"use one of {list(DECODINGS)}")
     _require(p.optimizer in OPTIMIZERS, "optimizer", p.optimizer, f"use one of {list(OPTIMIZERS)}")
     _require(p.augment in AUGMENT_POLICIES, "augment", p.augment, f"use one of {list(AUGMENT_POLICIES)}")
     _require(_is_number(p.lr) and p.lr > 0, "lr", p.lr, "must be a number > 0")
@@ -384,7 +385,8 @@ class Trainer:
         self.device = torch.device(device)
         torch.manual_seed(params.seed)
         model = build_model(params.backbone, num_classes, head=params.head, weights=params.weights,
-                            unfreeze=params.unfreeze, dropout=params.dropout).to(self.device)
+                            unfreeze=params.unfreeze, dropout=params.dropout,
+                            decoding=params.decoding).to(self.device)
         if params.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -416,7 +418,7 @@ class Trainer:
             with autocast(self.device, self.autocast_dtype):
                 logits = self.forward(images)
                 loss = self.loss_fn(logits, targets)
-            predictions = self.model.probabilities(logits.detach().float()).argmax(dim=1)
+            predictions = self.model.decode(self.model.probabilities(logits.detach().float()))
             correct += (predictions == targets).sum()
             seen += targets.numel()
             timer.lap("forward")
@@ -670,7 +672,7 @@ def _fit(params: TrainParams, train: LabelledImages, val: LabelledImages, counts
             logits, labels = trainer.evaluate(val_loader.batches())
             bar.set_postfix(loss=f"{trained.loss:.4f}")
         val_loss = float(trainer.loss_fn(logits, labels))
-        predictions = model.probabilities(logits).argmax(dim=1)
+        predictions = model.decode(model.probabilities(logits))
         metrics = _plain(count_metrics([counts[i] for i in labels.tolist()],
                                        [counts[i] for i in predictions.tolist()], counts))
         row = {"epoch": epoch, "train_loss": trained.loss, "train_accuracy": trained.accuracy, "val_loss": val_loss,

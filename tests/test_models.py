@@ -8,8 +8,8 @@ import torch
 import torchvision
 from sklearn.datasets import load_sample_image
 
-from counting.models import (BACKBONES, CountingModel, build_model, imagenet_weights_path, load_lite0_imagenet,
-                             probabilities_from_logits)
+from counting.models import (BACKBONES, CountingModel, build_model, decode_indices, imagenet_weights_path,
+                             load_lite0_imagenet, probabilities_from_logits)
 from counting.preprocess import normalize, resize_square
 
 IMAGENET_DAISY = 985
@@ -79,6 +79,17 @@ def test_ordinal_head_starts_from_a_uniform_prior():
     torch.nn.init.zeros_(model.head.score.weight)
     probs = model.probabilities(model.eval()(torch.rand(1, 3, 32, 32)))
     torch.testing.assert_close(probs, torch.full((1, 5), 0.2))
+
+
+def test_decodings_read_the_mode_or_the_nearest_expected_count():
+    probabilities = torch.tensor([[0.45, 0.10, 0.45], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.0, 0.0, 1.0]])
+    assert decode_indices(probabilities).tolist() == [0, 2, 0, 2]
+    assert decode_indices(probabilities, "expectation").tolist() == [1, 2, 0, 2]
+    model = build_model("resnet18", 3, weights="none", decoding="expectation")
+    assert model.spec["decoding"] == "expectation"
+    assert build_model(**model.spec, weights="none").decode(probabilities).tolist() == [1, 2, 0, 2]
+    with pytest.raises(ValueError, match="unknown decoding 'median'"):
+        decode_indices(probabilities, "median")
 
 
 def test_unfreeze_head_trains_only_the_head_and_keeps_batch_norm_fixed():

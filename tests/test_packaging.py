@@ -17,6 +17,7 @@ from serving_fixtures import (COUNTS, IMAGE_SIZE, b64, expected_probabilities, j
 
 import counting.models
 import counting.preprocess
+from counting.models import build_model
 from counting.packaging import (REQUIRED_FILES, build_model_package, extract_package, load_handlers, load_package,
                                 package_artifact, package_from_artifact, package_sha256)
 
@@ -93,6 +94,19 @@ def test_temperature_is_applied(tmp_path: Path):
     answer = hot.predict_fn(hot.input_fn(image, "image/png"), hot.model)
     expected = expected_probabilities(tiny_model(), image, temperature=4.0)
     assert list(answer["probabilities"].values()) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("decoding, count", [("argmax", 1), ("expectation", 2)])
+def test_the_packaged_decoding_reads_the_count(tmp_path: Path, decoding, count):
+    model = build_model("mobilenet_v3_small", len(COUNTS), weights="none", decoding=decoding).eval()
+    with torch.no_grad():  # every image gets probabilities (0.45, 0.10, 0.45): mode 1 (first of two), mean 2
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.45, 0.10, 0.45]).log())
+    package = build_model_package(model, counts=COUNTS, image_size=IMAGE_SIZE)
+    loaded = load_package(package, tmp_path)
+    answer = loaded.predict_fn(loaded.input_fn(png(2), "image/png"), loaded.model)
+    assert list(answer["probabilities"].values()) == pytest.approx([0.45, 0.10, 0.45], abs=1e-5)
+    assert answer["count"] == count
 
 
 @pytest.mark.parametrize("content_type", ["image/jpeg", "image/png", "application/x-image", "IMAGE/JPEG; q=1"])

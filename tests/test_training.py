@@ -245,7 +245,7 @@ def test_params_reject_unknown_keys():
 @pytest.mark.parametrize("field, value", [
     ("lr", 0), ("lr", -0.1), ("lr", float("nan")), ("batch_size", 0), ("batch_size", 8.0), ("epochs", 0),
     ("optimizer", "rmsprop"), ("head", "regression"), ("augment", "mixup"), ("backbone", "vgg16"),
-    ("momentum", 1.0), ("label_smoothing", -0.1), ("warmup_epochs", 9), ("early_stopping_patience", 0),
+    ("decoding", "mode"), ("momentum", 1.0), ("label_smoothing", -0.1), ("warmup_epochs", 9), ("early_stopping_patience", 0),
     ("amp", "yes"), ("image_size", 8), ("unfreeze", -1),
 ])
 def test_params_reject_bad_values_naming_field_and_value(field, value):

@@ -133,9 +133,9 @@ def predict_images(images: list[tuple[str, bytes]], model: LoadedModel) -> list[
         logits = model.network(batch)
         probabilities = model.network.probabilities(logits, temperature=config["temperature"])
     counts = config["counts"]
-    return [{"count": counts[max(range(len(row)), key=row.__getitem__)],
-             "probabilities": {str(count): p for count, p in zip(counts, row)}}
-            for row in probabilities.float().cpu().tolist()]
+    probabilities = probabilities.float().cpu()
+    return [{"count": counts[index], "probabilities": {str(count): p for count, p in zip(counts, row)}}
+            for index, row in zip(model.network.decode(probabilities).tolist(), probabilities.tolist())]
 
 
 def build_answer(request: ImageRequest, predictions: list[dict[str, Any]], model: LoadedModel) -> dict[str, Any]:
