@@ -50,20 +50,3 @@ def count_metrics(true_counts: Sequence[int] | np.ndarray, pred_counts: Sequence
                                for i, count in enumerate(counts)},
         "confusion_matrix": matrix.tolist(),
     }
-
-
-def _check_probs(probs: np.ndarray, counts: Sequence[int]) -> np.ndarray:
-    probs = np.asarray(probs, dtype=float)
-    if probs.ndim != 2 or probs.shape[1] != len(counts):
-        raise ValueError(f"probs must have shape (N, {len(counts)}) for counts {list(counts)}; got {probs.shape}")
-    return probs
-
-
-def predicted_counts(probs: np.ndarray, counts: Sequence[int]) -> np.ndarray:
-    """The most probable count of each row of class probabilities (N, K)."""
-    return np.asarray(counts)[_check_probs(probs, counts).argmax(axis=1)]
-
-
-def expected_count(probs: np.ndarray, counts: Sequence[int]) -> np.ndarray:
-    """The mean count under each row of class probabilities (N, K)."""
-    return _check_probs(probs, counts) @ np.asarray(counts, dtype=float)

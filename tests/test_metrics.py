@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from counting.metrics import count_metrics, expected_count, predicted_counts
+from counting.metrics import count_metrics
 
 
 def test_count_metrics_on_a_small_case():
@@ -38,12 +38,3 @@ def test_absent_class_has_no_accuracy_and_numpy_input_works():
 def test_invalid_inputs_name_the_culprit(true, pred, match):
     with pytest.raises(ValueError, match=match):
         count_metrics(true, pred, [1, 2, 3])
-
-
-def test_predicted_and_expected_counts():
-    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.0, 0.5]])
-    counts = [1, 2, 3]
-    assert predicted_counts(probs, counts).tolist() == [2, 1]
-    np.testing.assert_allclose(expected_count(probs, counts), [0.1 + 1.4 + 0.6, 0.5 + 1.5])
-    with pytest.raises(ValueError, match="shape"):
-        expected_count(probs, [1, 2])
