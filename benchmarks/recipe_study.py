@@ -81,20 +81,16 @@ def pretrain_on_generated(values: dict, n_images: int, counts: list[int], device
     """Train the variant's recipe on generated look-alike bins; return the path of the model's state dict, which
     the real-photo fine-tune then starts from (needs the full package: it generates the bins)."""
     from counting.dataset import pack_dataset
+    from counting.pipeline import labelled
     from counting.sources import read_source
 
     result = read_source("generated", generated_images=n_images, min_count=counts[0], max_count=counts[-1],
                          progress=False)
     generated = pack_dataset(result.records, values["image_size"], progress=False)
     split = stratified_split(generated.ids, generated.counts, val_fraction=0.1, test_fraction=0.0, seed=0)
-    order = {image_id: i for i, image_id in enumerate(generated.ids)}
-
-    def part(ids):
-        return LabelledImages([generated.images[order[i]] for i in ids],
-                              [generated.counts[order[i]] - counts[0] for i in ids])
-
     params = TrainParams.from_dict({**values, "epochs": PRETRAIN_EPOCHS})
-    result = fit(params, part(split.train_ids), part(split.val_ids), counts=counts, device=device, progress=False)
+    result = fit(params, labelled(generated, split.train_ids, counts), labelled(generated, split.val_ids, counts),
+                 counts=counts, device=device, progress=False)
     print(f"pretrained on {n_images} generated bins: validation accuracy {result.val_metrics['accuracy']:.3f}",
           flush=True)
     path = scratch / "generated-pretrained.pt"

@@ -173,8 +173,8 @@ def labelled(dataset: PackedDataset, ids: Sequence[str], counts: Sequence[int]) 
 
 
 def fit_checkpointed(params: TrainParams, train: LabelledImages, val: LabelledImages, counts: Sequence[int],
-                      checkpoints: TaskCheckpoint | None, step_name: str, resume_state: bytes | None = None,
-                      **options: Any) -> FitResult:
+                     checkpoints: TaskCheckpoint | None, step_name: str, resume_state: bytes | None = None,
+                     **options: Any) -> FitResult:
     """`fit`, saving the training state to `checkpoints` after every epoch and resuming from it when it exists
     (a retried task, wherever it runs); `resume_state` (a first-round trial's state) is used otherwise."""
     saved = checkpoints.load() if checkpoints is not None else None
@@ -182,10 +182,10 @@ def fit_checkpointed(params: TrainParams, train: LabelledImages, val: LabelledIm
         print(f"Resuming from the checkpoint this task saved before its retry: {checkpoints.uri}")
         resume_state = saved
     with tempfile.TemporaryDirectory(prefix="counting-checkpoint-") as scratch:
-        local = Path(scratch) / "checkpoint.pt"
+        local = Path(scratch) / "checkpoint.pt" if checkpoints is not None else None
 
         def after_epoch(row: dict) -> None:
-            if checkpoints is not None:
+            if local is not None:
                 checkpoints.save(local.read_bytes())
             fail_if_requested(step_name, epoch=row["epoch"])
 
@@ -195,12 +195,11 @@ def fit_checkpointed(params: TrainParams, train: LabelledImages, val: LabelledIm
 
 def run_trial(candidate: Mapping[str, Any], dataset: PackedDataset, split_ids: Mapping[str, Any],
               counts: Sequence[int], settings: Mapping[str, Any], parallel_tasks: int,
-              checkpoints: TaskCheckpoint | None = None, pathspec: str | None = None) -> tuple[dict[str, Any], bytes]:
-    """Train one candidate (continuing its own checkpoint after a retry, else its first-round trial's state);
-    return the trial record and the final training state."""
+              checkpoints: TaskCheckpoint | None = None) -> tuple[dict[str, Any], bytes]:
+    """Train one candidate in the running Metaflow task (continuing its own checkpoint after a retry, else its
+    first-round trial's state); return the trial record and the final training state."""
     from metaflow import Task, current
 
-    pathspec = pathspec or current.pathspec
     params = TrainParams.from_dict({**settings["train"], **candidate["params"]})
     resume_state = None
     if candidate.get("origin"):
@@ -209,12 +208,12 @@ def run_trial(candidate: Mapping[str, Any], dataset: PackedDataset, split_ids: M
     print(f"Trial {candidate['trial_id']} round {candidate['round']}: {dict(candidate['params'])}, {threads} threads")
     started = time.perf_counter()
     result = fit_checkpointed(params, labelled(dataset, split_ids["train"], counts),
-                               labelled(dataset, split_ids["val"], counts), counts, checkpoints,
-                               pathspec.split("/")[-2], resume_state=resume_state, threads=threads,
-                               stop_after_epoch=candidate.get("stop_after_epoch"))
+                              labelled(dataset, split_ids["val"], counts), counts, checkpoints, current.step_name,
+                              resume_state=resume_state, threads=threads,
+                              stop_after_epoch=candidate.get("stop_after_epoch"))
     record = {
         "trial_id": candidate["trial_id"], "round": candidate["round"], "params": dict(candidate["params"]),
-        "status": "ok", "error": None, "task": pathspec,
+        "status": "ok", "error": None, "task": current.pathspec,
         "val_accuracy": result.val_metrics["accuracy"], "val_rmse": result.val_metrics["rmse"],
         "val_mae": result.val_metrics["mae"], "best_epoch": result.best_epoch,
         "epochs_trained": len(result.history), "history": result.history,
