@@ -24,13 +24,13 @@ setup(
         "uvicorn==0.54.0",
         "pillow==13.0.0",
         "numpy==2.4.6",
+        "httpx==0.28.1",
     ],
     extras_require={
         "sagemaker": ["sagemaker-core==2.27.0"],
         "test": [
             "pytest==9.2.0",
             "moto[server]==5.2.5",
-            "httpx==0.28.1",
             "kubernetes==37.0.1",
             "sagemaker-core==2.27.0",
         ],

@@ -65,9 +65,10 @@ def prepare(source: str, output: Path, image_size: int, quality: int, min_count:
     print(f"{len(dataset.ids)} images, {output.stat().st_size / 1e6:.1f} MB -> {output}")
 
 
-def _score(model, images, labels, counts, tta_flip: bool, device: str) -> dict:
+def _score(model, images, labels, counts, tta_flip: bool, device: str, image_size: int) -> dict:
     """Test metrics of each way to read a count from the probabilities (argmax, rounded expected count)."""
-    probabilities = model.probabilities(predict_logits(model, images, device=device, tta_flip=tta_flip))
+    probabilities = model.probabilities(predict_logits(model, images, device=device, tta_flip=tta_flip,
+                                                                 image_size=image_size))
     truth = [counts[i] for i in labels]
     scores = {}
     for decoding in DECODINGS:
@@ -131,8 +132,8 @@ def study(data: Path, budget_seconds: float, results: Path, only: list[int] | No
         seconds = time.perf_counter() - t0
         row = {"variant": name, "params": overrides, "image_size": params.image_size, "epochs": params.epochs, "best_epoch": result.best_epoch,
                "val_accuracy": round(result.val_metrics["accuracy"], 4),
-               "test": _score(result.model, test.images, test.labels, counts, False, device),
-               "test_flip_tta": _score(result.model, test.images, test.labels, counts, True, device),
+               "test": _score(result.model, test.images, test.labels, counts, False, device, params.image_size),
+               "test_flip_tta": _score(result.model, test.images, test.labels, counts, True, device, params.image_size),
                "train_seconds": round(seconds, 1),
                "train_images_per_second": round(len(train) * len(result.history) / seconds, 1)}
         print(json.dumps(row), flush=True)

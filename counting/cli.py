@@ -18,9 +18,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from counting.sources.base import IMAGE_SUFFIXES, is_image_name
+
 DEFAULT_FLOW = "BinCountingFlow"
 PACKAGE_ARTIFACT = "model_package"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class CommandError(Exception):
@@ -223,7 +224,7 @@ def image_files(paths: Sequence[str]) -> Iterator[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
         elif path.is_file():
             yield path
         else:

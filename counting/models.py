@@ -157,7 +157,7 @@ class CountingModel(nn.Module):
 
     def decode(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The predicted class index of each row of this model's probabilities, per its decoding."""
-        return decode_indices(probabilities, self.spec.get("decoding", "argmax"))
+        return decode_indices(probabilities, self.spec["decoding"])
 
     def stages(self) -> list[list[nn.Module]]:
         """The backbone's stages in input-to-output order (see the module docstring)."""

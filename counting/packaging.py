@@ -152,11 +152,11 @@ def load_handlers(model_dir: Path | str, *, max_body_bytes: int | None = None) -
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
         module.MAX_BODY_BYTES = max_body_bytes
+    model = module.model_fn(str(model_dir))
     return Handlers(model_fn=module.model_fn, input_fn=module.input_fn, predict_fn=module.predict_fn,
                     output_fn=module.output_fn, predict_images=module.predict_images,
                     build_answer=module.build_answer, request_error=module.RequestError,
-                    model=module.model_fn(str(model_dir)),
-                    config=json.loads((model_dir / CONFIG_FILE).read_text()), module=module)
+                    model=model, config=model.config, module=module)
 
 
 def load_package(package: bytes, dest: Path | str, *, max_body_bytes: int | None = None) -> Handlers:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -181,16 +179,9 @@ def fit_checkpointed(params: TrainParams, train: LabelledImages, val: LabelledIm
     if saved is not None:
         print(f"Resuming from the checkpoint this task saved before its retry: {checkpoints.uri}")
         resume_state = saved
-    with tempfile.TemporaryDirectory(prefix="counting-checkpoint-") as scratch:
-        local = Path(scratch) / "checkpoint.pt" if checkpoints is not None else None
-
-        def after_epoch(row: dict) -> None:
-            if local is not None:
-                checkpoints.save(local.read_bytes())
-            fail_if_requested(step_name, epoch=row["epoch"])
-
-        return fit(params, train, val, counts=counts, checkpoint_path=local, resume_state=resume_state,
-                   on_epoch_end=after_epoch, **options)
+    return fit(params, train, val, counts=counts, resume_state=resume_state,
+               on_checkpoint=checkpoints.save if checkpoints is not None else None,
+               on_epoch_end=lambda row: fail_if_requested(step_name, epoch=row["epoch"]), **options)
 
 
 def run_trial(candidate: Mapping[str, Any], dataset: PackedDataset, split_ids: Mapping[str, Any],
@@ -289,7 +280,7 @@ def retrain_best(best_params: Mapping[str, Any], dataset: PackedDataset, split_i
     report = diagnostics.debug_rules(result)
     for rule in report:
         print(f"Rule {rule['rule']}: {rule['verdict']} ({rule['detail']})")
-    val_logits = predict_logits(result.model, val.images, tta_flip=params.tta_flip)
+    val_logits = predict_logits(result.model, val.images, tta_flip=params.tta_flip, image_size=params.image_size)
     val_labels = np.asarray(val.labels)
     temperature = calibration.fit_temperature(val_logits, val_labels, result.model)
     probs_before = result.model.probabilities(val_logits).numpy()
@@ -304,8 +295,9 @@ def retrain_best(best_params: Mapping[str, Any], dataset: PackedDataset, split_i
         "bins_after": calibration.reliability_bins(probs_after, val_labels),
     }
     test = labelled(dataset, split_ids["test"], counts)
-    test_probs = result.model.probabilities(predict_logits(result.model, test.images, tta_flip=params.tta_flip),
-                                            temperature)
+    test_logits = predict_logits(result.model, test.images, tta_flip=params.tta_flip, image_size=params.image_size)
+    test_probs = result.model.probabilities(test_logits, temperature)
+    result.model.to("cpu")  # predict_logits leaves it on its device; the artifacts must load anywhere
     predicted = [counts[i] for i in result.model.decode(test_probs).tolist()]
     truth = [counts[i] for i in test.labels]
     return RetrainOutcome(

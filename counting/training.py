@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
+from counting.images import POLICIES as AUGMENT_POLICIES
 from counting.images import augment_batch
 from counting.losses import make_loss
 from counting.metrics import count_metrics
@@ -36,7 +37,6 @@ from counting.preprocess import decode_jpeg_batch, normalize, resize_square
 LOG = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
-AUGMENT_POLICIES = ("none", "flip", "bin")
 PHASES = ("data", "forward", "backward", "optimizer")
 # Options that change how a run executes but not what it computes: a checkpoint may be resumed with other values.
 _EXECUTION_OPTIONS = frozenset({"amp", "channels_last", "compile"})
@@ -395,7 +395,6 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.loss_fn = make_loss(params.head, params.label_smoothing)
         self.optimizer = build_optimizer(model, params)
-        self.steps_per_epoch = steps_per_epoch
         self.schedule = functools.partial(lr_factor, warmup_steps=round(params.warmup_epochs * steps_per_epoch),
                                           total_steps=params.epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
@@ -606,7 +605,7 @@ def _is_better(metrics: Mapping[str, float], best: Mapping[str, Any] | None) -> 
 def fit(params: TrainParams, train: LabelledImages, val: LabelledImages, *, counts: Sequence[int],
         device: str | None = None, threads: int | None = None, checkpoint_path: Path | None = None,
         resume_state: bytes | None = None, stop_after_epoch: int | None = None, progress: bool = True,
-        profiler: Any = None, exact_timing: bool = False,
+        profiler: Any = None, exact_timing: bool = False, on_checkpoint: Callable[[bytes], None] | None = None,
         on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
     """Train per `params`, validate after every epoch and return the best epoch's model (by val accuracy, then rmse).
 
@@ -617,6 +616,8 @@ def fit(params: TrainParams, train: LabelledImages, val: LabelledImages, *, coun
     threads: torch CPU threads during the call (see `threads_per_task`).
     profiler: an object whose `step()` is called after every training step (e.g. `torch.profiler.profile`).
     exact_timing: synchronise CUDA around each phase so `phase_seconds` is exact (slows training slightly).
+    on_checkpoint: called after every epoch with the serialized training state (what `checkpoint_path` holds),
+        to keep it elsewhere; pass it back as `resume_state` to continue.
     on_epoch_end: called with each epoch's history row once its checkpoint is written.
     Training also ends early after `params.early_stopping_patience` epochs without a better epoch, or after an
     epoch whose training loss is not finite.
@@ -636,14 +637,15 @@ def fit(params: TrainParams, train: LabelledImages, val: LabelledImages, *, coun
     try:
         return _fit(params, train, val, counts, torch.device(device or pick_device()),
                     Path(checkpoint_path) if checkpoint_path is not None else None, resume_state,
-                    stop_after_epoch or params.epochs, progress, profiler, exact_timing, on_epoch_end)
+                    stop_after_epoch or params.epochs, progress, profiler, exact_timing, on_checkpoint, on_epoch_end)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _fit(params: TrainParams, train: LabelledImages, val: LabelledImages, counts: list[int], device: torch.device,
          checkpoint_path: Path | None, resume_state: bytes | None, last_epoch: int, show_progress: bool,
-         profiler: Any, exact_timing: bool, on_epoch_end: Callable[[dict], None] | None) -> FitResult:
+         profiler: Any, exact_timing: bool, on_checkpoint: Callable[[bytes], None] | None,
+         on_epoch_end: Callable[[dict], None] | None) -> FitResult:
     steps = _num_batches(len(train), params.batch_size, drop_last=True)
     trainer = Trainer(params, num_classes=len(counts), steps_per_epoch=steps, device=device,
                       exact_timing=exact_timing)
@@ -694,8 +696,12 @@ def _fit(params: TrainParams, train: LabelledImages, val: LabelledImages, counts
         if not math.isfinite(trained.loss):
             LOG.warning("training stopped after epoch %d: the training loss is %s", epoch, trained.loss)
             state.finished = True
-        if checkpoint_path is not None:
-            _write_atomic(checkpoint_path, _serialize(trainer, state, params, counts))
+        if checkpoint_path is not None or on_checkpoint is not None:
+            serialized = _serialize(trainer, state, params, counts)
+            if checkpoint_path is not None:
+                _write_atomic(checkpoint_path, serialized)
+            if on_checkpoint is not None:
+                on_checkpoint(serialized)
         LOG.info("epoch %d/%d train_loss=%.4f val_loss=%.4f val_accuracy=%.3f val_rmse=%.3f lr=%.3g %.1fs", epoch,
                  params.epochs, row["train_loss"], row["val_loss"], row["val_accuracy"], row["val_rmse"],
                  row["lr"], row["seconds"])

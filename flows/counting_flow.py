@@ -20,6 +20,11 @@ from counting.cards import (confusion_matrix_figure, figure, heading, learning_c
                             records_table, reliability_figure, trial_table)
 
 CONFIG_FILE = str(Path(__file__).with_name("config.json"))
+COMPUTE_DEFAULTS = pipeline.DEFAULT_SETTINGS["compute"]
+TRIAL_TIMEOUT = config_expr("config.get('compute', {}).get('trial_timeout_minutes', "
+                            f"{COMPUTE_DEFAULTS['trial_timeout_minutes']})")
+RETRAIN_TIMEOUT = config_expr("config.get('compute', {}).get('retrain_timeout_minutes', "
+                              f"{COMPUTE_DEFAULTS['retrain_timeout_minutes']})")
 TRIAL_OUTPUTS = ["trial_result", "checkpoint", "trial_error"]
 
 
@@ -106,7 +111,7 @@ class BinCountingFlow(FlowSpec):
 
     @catch(var="trial_error", print_exception=True)
     @retry(times=1)
-    @timeout(minutes=config_expr("config.get('compute', {}).get('trial_timeout_minutes', 120)"))
+    @timeout(minutes=TRIAL_TIMEOUT)
     @resources(gpu=1, cpu=4, memory=16000)
     @step
     def trial(self):
@@ -134,7 +139,7 @@ class BinCountingFlow(FlowSpec):
 
     @catch(var="trial_error", print_exception=True)
     @retry(times=1)
-    @timeout(minutes=config_expr("config.get('compute', {}).get('trial_timeout_minutes', 120)"))
+    @timeout(minutes=TRIAL_TIMEOUT)
     @resources(gpu=1, cpu=4, memory=16000)
     @step
     def extend(self):
@@ -161,7 +166,7 @@ class BinCountingFlow(FlowSpec):
 
     @card(type="blank", id="retrain")
     @retry(times=1)
-    @timeout(minutes=config_expr("config.get('compute', {}).get('retrain_timeout_minutes', 240)"))
+    @timeout(minutes=RETRAIN_TIMEOUT)
     @resources(gpu=1, cpu=4, memory=16000)
     @step
     def retrain(self):
